@@ -1,1 +1,18 @@
-//! facade
+//! `reliability`: idempotency, rate limiting and store-and-forward that stay
+//! correct when the infrastructure around them is not.
+//!
+//! This facade re-exports [`reliability_core`] and, behind cargo features, the
+//! backends.
+//!
+//! # Feature flags
+//!
+//! | feature | default | backends |
+//! |---|---|---|
+//! | `memory` | yes | `memory::{MemoryIdempotencyStore, LocalRateLimiter, MemorySpool}` |
+#![doc(test(attr(deny(warnings))))]
+
+pub use reliability_core::*;
+
+/// In-process backends (feature `memory`).
+#[cfg(feature = "memory")]
+pub use reliability_memory as memory;
