@@ -1,1 +1,1389 @@
-//! Configuration model (see issue).
+//! The configuration model: which backend each primitive uses, how to reach
+//! Redis, where the disk spool lives, the spool limits, the retry schedule and
+//! the fallback policy.
+//!
+//! The keys are seed 000's, in camelCase, under a top-level `reliability:`
+//! map (the facade's `reliability::config::from_yaml_str` reads that map):
+//!
+//! ```yaml
+//! reliability:
+//!   profile: redis-enabled          # baseline | redis-enabled (default baseline)
+//!   idempotencyStore: redis         # memory | redis
+//!   rateLimiter: redis              # local | redis
+//!   spool: disk                     # none | redis | disk
+//!   keyPrefix: gateway
+//!   namespace: webhooks
+//!   redis:
+//!     url: rediss://app:secret@redis.internal:6380
+//!     responseTimeout: 200ms
+//!   disk: { dir: /var/lib/gateway/spool, fsync: always }
+//!   spoolLimits: { maxRecords: 10000, retention: 7d, alertDepth: 100 }
+//!   retry: { schedule: [1m, 5m, 15m, 1h, 4h, 24h], jitter: 0.1 }
+//!   fallback: { deadline: 250ms, rateLimitPolicy: localShare, replicas: 3 }
+//! ```
+//!
+//! # Defaults follow the profile
+//!
+//! A component key that is absent takes the profile's choice: `baseline`
+//! means `memory` / `local` / `none`, `redis-enabled` means `redis` for all
+//! three (seed 000: "enable the reliability profile, the system uses Redis").
+//! The effective choice is [`ReliabilityConfig::idempotency_backend`],
+//! [`rate_limiter_backend`](ReliabilityConfig::rate_limiter_backend) and
+//! [`spool_backend`](ReliabilityConfig::spool_backend).
+//!
+//! # Durations
+//!
+//! Durations are written as human strings: an integer and a unit, repeated:
+//! `250ms`, `1m`, `7d`, `1h30m`. Units: `ns`, `us` (or `µs`), `ms`, `s`, `m`,
+//! `h`, `d`. See [`duration`].
+//!
+//! # Secrets
+//!
+//! The Redis password is a [`Secret`] and URLs are [`RedisUrl`]s: neither
+//! shows a credential in `Debug`, `Display` or serialized output (they print
+//! `***`). Serializing a configuration is therefore lossy for secrets, and
+//! [`ReliabilityConfig::validate`] refuses the `***` placeholder, so a dumped
+//! configuration is never loaded back with a wrong password.
+//!
+//! # Validation
+//!
+//! [`ReliabilityConfig::validate`] returns [`Error::Config`] whose `field` is
+//! the dotted path of the offending key, e.g. `reliability.redis.url`.
+//!
+//! ```
+//! use reliability_core::config::{ReliabilityConfig, SpoolBackend};
+//! use reliability_core::Error;
+//!
+//! let mut cfg = ReliabilityConfig::baseline();
+//! assert!(cfg.validate().is_ok());
+//! cfg.spool = Some(SpoolBackend::Disk); // but no disk.dir
+//! match cfg.validate() {
+//!     Err(Error::Config { field, .. }) => assert_eq!(field, "reliability.disk.dir"),
+//!     other => panic!("unexpected {other:?}"),
+//! }
+//! ```
+
+use std::fmt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::rate_limit::Quota;
+use crate::retry::RetryPolicy;
+use crate::spool::{
+    SpoolLimits, DEFAULT_ALERT_DEPTH, DEFAULT_MAX_BYTES, DEFAULT_MAX_RECORDS,
+    DEFAULT_MAX_RECORD_BYTES, DEFAULT_RETENTION,
+};
+
+/// What a redacted secret prints as.
+pub const REDACTED: &str = "***";
+
+// ---------------------------------------------------------------------------
+// Choices
+// ---------------------------------------------------------------------------
+
+/// The runtime profile (seed 000).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+#[non_exhaustive]
+pub enum Profile {
+    /// No external dependency: memory, local limiter, no spool. The default.
+    #[default]
+    Baseline,
+    /// Redis accelerates the primitives; the baseline answers while it is down.
+    RedisEnabled,
+}
+
+/// The idempotency store backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+#[non_exhaustive]
+pub enum IdempotencyBackend {
+    /// In-process, per replica.
+    Memory,
+    /// Shared across replicas through Redis.
+    Redis,
+}
+
+/// The rate limiter backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+#[non_exhaustive]
+pub enum RateLimiterBackend {
+    /// In-process GCRA, per replica.
+    Local,
+    /// GCRA shared across replicas through Redis.
+    Redis,
+}
+
+/// The spool backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+#[non_exhaustive]
+pub enum SpoolBackend {
+    /// No spool: direct delivery.
+    None,
+    /// A spool in Redis.
+    Redis,
+    /// A spool in local files.
+    Disk,
+    /// An in-process spool (volatile). Not a configuration choice: status
+    /// reports it when a spool answers from memory.
+    #[serde(skip_deserializing)]
+    Memory,
+}
+
+macro_rules! names {
+    ($t:ty { $($v:ident => $s:literal),* $(,)? }) => {
+        impl $t {
+            /// The name used in configuration and status.
+            pub const fn as_str(self) -> &'static str {
+                match self { $(<$t>::$v => $s),* }
+            }
+        }
+        impl fmt::Display for $t {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+    };
+}
+
+names!(Profile { Baseline => "baseline", RedisEnabled => "redis-enabled" });
+names!(IdempotencyBackend { Memory => "memory", Redis => "redis" });
+names!(RateLimiterBackend { Local => "local", Redis => "redis" });
+names!(SpoolBackend { None => "none", Redis => "redis", Disk => "disk", Memory => "memory" });
+
+impl IdempotencyBackend {
+    /// `true` for the Redis backend.
+    pub const fn is_redis(self) -> bool {
+        matches!(self, IdempotencyBackend::Redis)
+    }
+}
+
+impl RateLimiterBackend {
+    /// `true` for the Redis backend.
+    pub const fn is_redis(self) -> bool {
+        matches!(self, RateLimiterBackend::Redis)
+    }
+}
+
+impl SpoolBackend {
+    /// `true` for the Redis backend.
+    pub const fn is_redis(self) -> bool {
+        matches!(self, SpoolBackend::Redis)
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Secrets
+// ---------------------------------------------------------------------------
+
+/// A secret string (a password). `Debug`, `Display` and `Serialize` show
+/// `***`; only [`expose`](Self::expose) gives the value.
+///
+/// ```
+/// use reliability_core::config::Secret;
+///
+/// let s = Secret::new("hunter2");
+/// assert_eq!(format!("{s:?} {s}"), "\"***\" ***");
+/// assert_eq!(s.expose(), "hunter2");
+/// ```
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps `value`.
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+
+    /// The secret itself. Never log it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// `true` if the value is the redaction placeholder `***`, i.e. it was
+    /// read back from serialized (redacted) output.
+    pub fn is_placeholder(&self) -> bool {
+        self.0 == REDACTED
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "\"{REDACTED}\"")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(REDACTED)
+    }
+}
+
+impl Serialize for Secret {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.serialize_str(REDACTED)
+    }
+}
+
+/// A Redis URL: `redis://[user[:password]@]host[:port][/db][?query]` or
+/// `rediss://` (TLS). Checked when built; `Debug`, `Display` and `Serialize`
+/// hide the credentials (`redis://user:***@host`).
+///
+/// ```
+/// use reliability_core::config::RedisUrl;
+///
+/// let u = RedisUrl::new("redis://app:hunter2@10.0.0.5:6379/2").unwrap();
+/// assert_eq!(u.to_string(), "redis://app:***@10.0.0.5:6379/2");
+/// assert!(!format!("{u:?}").contains("hunter2"));
+/// assert_eq!(u.expose(), "redis://app:hunter2@10.0.0.5:6379/2");
+/// assert!(RedisUrl::new("http://10.0.0.5").is_err());
+/// ```
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub struct RedisUrl(String);
+
+impl RedisUrl {
+    /// Checks `url`: scheme `redis://` or `rediss://`, a host, an optional
+    /// numeric port, an optional numeric database path.
+    ///
+    /// # Errors
+    /// [`Error::Config`] with field `url`; callers that know the full path
+    /// report it themselves.
+    pub fn new(url: impl Into<String>) -> Result<Self> {
+        let url = url.into();
+        check_redis_url(&url).map_err(|m| Error::config("url", m))?;
+        Ok(RedisUrl(url))
+    }
+
+    /// The URL with its credentials. Never log it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// `true` for `rediss://`.
+    pub fn is_tls(&self) -> bool {
+        self.0.starts_with("rediss://")
+    }
+
+    /// The URL with credentials replaced by `***`.
+    pub fn redacted(&self) -> String {
+        crate::status::redact(&self.0)
+    }
+
+    /// `true` if the password part is the `***` placeholder (read back from
+    /// redacted output).
+    pub fn has_placeholder(&self) -> bool {
+        self.0.contains(&format!(":{REDACTED}@")) || self.0.contains(&format!("/{REDACTED}@"))
+    }
+}
+
+impl TryFrom<String> for RedisUrl {
+    type Error = String;
+    fn try_from(s: String) -> std::result::Result<Self, String> {
+        check_redis_url(&s)?;
+        Ok(RedisUrl(s))
+    }
+}
+
+impl fmt::Debug for RedisUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "RedisUrl({:?})", self.redacted())
+    }
+}
+
+impl fmt::Display for RedisUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.redacted())
+    }
+}
+
+impl Serialize for RedisUrl {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.serialize_str(&self.redacted())
+    }
+}
+
+fn check_redis_url(url: &str) -> std::result::Result<(), String> {
+    let rest = url
+        .strip_prefix("redis://")
+        .or_else(|| url.strip_prefix("rediss://"))
+        .ok_or_else(|| "must start with redis:// or rediss://".to_string())?;
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(end);
+    let host_port = match authority.rfind('@') {
+        Some(at) => &authority[at + 1..],
+        None => authority,
+    };
+    if host_port.chars().any(char::is_whitespace) {
+        return Err("host must not contain whitespace".into());
+    }
+    let (host, port) = if let Some(v6) = host_port.strip_prefix('[') {
+        let close = v6
+            .find(']')
+            .ok_or_else(|| "unclosed [ in IPv6 host".to_string())?;
+        let after = &v6[close + 1..];
+        let port = match after.strip_prefix(':') {
+            Some(p) => Some(p),
+            None if after.is_empty() => None,
+            None => return Err("unexpected text after IPv6 host".into()),
+        };
+        (&v6[..close], port)
+    } else {
+        match host_port.rsplit_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (host_port, None),
+        }
+    };
+    if host.is_empty() {
+        return Err("missing host".into());
+    }
+    if let Some(p) = port {
+        match p.parse::<u16>() {
+            Ok(n) if n > 0 => {}
+            _ => return Err(format!("port {p:?} is not a number in 1..=65535")),
+        }
+    }
+    let path = tail.split(['?', '#']).next().unwrap_or("");
+    let db = path.strip_prefix('/').unwrap_or(path);
+    if !db.is_empty() && !db.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(format!("path {path:?} must be empty or a database number"));
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// Durations
+// ---------------------------------------------------------------------------
+
+pub mod duration {
+    //! Human-readable durations for configuration files: an integer and a
+    //! unit, repeated, largest unit first by convention: `250ms`, `1m`, `7d`,
+    //! `1h30m`, `1s500ms`. Units: `ns`, `us` (or `µs`), `ms`, `s`, `m`, `h`,
+    //! `d` (24 h). Spaces between parts are allowed (`1h 30m`); fractions
+    //! are not (write `1500ms`, not `1.5s`); a bare number is refused so
+    //! `250` never silently means seconds.
+    //!
+    //! Use with serde as `#[serde(with = "reliability_core::config::duration")]`.
+    //!
+    //! ```
+    //! use reliability_core::config::duration::{format, parse};
+    //! use std::time::Duration;
+    //!
+    //! assert_eq!(parse("1h30m").unwrap(), Duration::from_secs(5400));
+    //! assert_eq!(parse("250ms").unwrap(), Duration::from_millis(250));
+    //! assert_eq!(format(Duration::from_secs(7 * 86_400)), "7d");
+    //! assert_eq!(format(Duration::from_millis(1500)), "1s500ms");
+    //! assert!(parse("250").is_err());
+    //! ```
+
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    const UNITS: [(&str, u128); 8] = [
+        ("ns", 1),
+        ("us", 1_000),
+        ("µs", 1_000),
+        ("ms", 1_000_000),
+        ("s", 1_000_000_000),
+        ("m", 60_000_000_000),
+        ("h", 3_600_000_000_000),
+        ("d", 86_400_000_000_000),
+    ];
+
+    /// Parses a duration such as `250ms` or `1h30m`.
+    ///
+    /// # Errors
+    /// A message saying what is wrong: empty input, a missing or unknown
+    /// unit, a fraction, or an overflow.
+    pub fn parse(s: &str) -> Result<Duration, String> {
+        let text = s.trim();
+        if text.is_empty() {
+            return Err("empty duration; write e.g. 250ms, 30s, 1h30m".into());
+        }
+        let mut rest = text;
+        let mut total: u128 = 0;
+        while !rest.is_empty() {
+            let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+            if digits == 0 {
+                return Err(format!(
+                    "invalid duration {s:?}: expected a number at {rest:?}"
+                ));
+            }
+            let n: u128 = rest[..digits]
+                .parse()
+                .map_err(|_| format!("invalid duration {s:?}: number too large"))?;
+            rest = &rest[digits..];
+            if rest.starts_with('.') {
+                return Err(format!(
+                    "invalid duration {s:?}: fractions are not supported, use a smaller unit"
+                ));
+            }
+            let unit_len = rest
+                .find(|c: char| c.is_ascii_digit() || c.is_whitespace())
+                .unwrap_or(rest.len());
+            let unit = &rest[..unit_len];
+            if unit.is_empty() {
+                return Err(format!(
+                    "invalid duration {s:?}: missing unit after {n} (ns, us, ms, s, m, h, d)"
+                ));
+            }
+            let nanos = UNITS
+                .iter()
+                .find(|(u, _)| *u == unit)
+                .map(|(_, f)| *f)
+                .ok_or_else(|| {
+                    format!(
+                        "invalid duration {s:?}: unknown unit {unit:?} (ns, us, ms, s, m, h, d)"
+                    )
+                })?;
+            total = n
+                .checked_mul(nanos)
+                .and_then(|v| total.checked_add(v))
+                .ok_or_else(|| format!("invalid duration {s:?}: too large"))?;
+            rest = rest[unit_len..].trim_start();
+        }
+        let secs = u64::try_from(total / 1_000_000_000)
+            .map_err(|_| format!("invalid duration {s:?}: too large"))?;
+        // The remainder is below 10^9 and fits.
+        let nanos = u32::try_from(total % 1_000_000_000).unwrap_or(0);
+        Ok(Duration::new(secs, nanos))
+    }
+
+    /// Formats `d` in the form [`parse`] reads, largest units first: `7d`,
+    /// `1h30m`, `250ms`, `0s`.
+    pub fn format(d: Duration) -> String {
+        let mut nanos = d.as_nanos();
+        if nanos == 0 {
+            return "0s".into();
+        }
+        let mut out = String::new();
+        for (unit, f) in UNITS.iter().rev().filter(|(u, _)| *u != "µs") {
+            let n = nanos / f;
+            if n > 0 {
+                out.push_str(&n.to_string());
+                out.push_str(unit);
+                nanos %= f;
+            }
+        }
+        out
+    }
+
+    /// Serializes with [`format`].
+    ///
+    /// # Errors
+    /// Only those of the serializer.
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format(*d))
+    }
+
+    /// Deserializes with [`parse`].
+    ///
+    /// # Errors
+    /// A custom serde error with [`parse`]'s message.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let s = String::deserialize(d)?;
+        parse(&s).map_err(serde::de::Error::custom)
+    }
+
+    /// The same for a list of durations (`[1m, 5m, 15m]`).
+    pub mod list {
+        use std::time::Duration;
+
+        use serde::ser::SerializeSeq;
+        use serde::{Deserialize, Deserializer, Serializer};
+
+        /// Serializes each element with [`format`](super::format).
+        ///
+        /// # Errors
+        /// Only those of the serializer.
+        pub fn serialize<S: Serializer>(v: &[Duration], s: S) -> Result<S::Ok, S::Error> {
+            let mut seq = s.serialize_seq(Some(v.len()))?;
+            for d in v {
+                seq.serialize_element(&super::format(*d))?;
+            }
+            seq.end()
+        }
+
+        /// Deserializes each element with [`parse`](super::parse).
+        ///
+        /// # Errors
+        /// A custom serde error naming the bad element.
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Duration>, D::Error> {
+            let v = Vec::<String>::deserialize(d)?;
+            v.iter()
+                .enumerate()
+                .map(|(i, s)| {
+                    super::parse(s).map_err(|m| serde::de::Error::custom(format!("[{i}]: {m}")))
+                })
+                .collect()
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Sections
+// ---------------------------------------------------------------------------
+
+/// Default Redis connect timeout: 1 s (redis-rs' default).
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// Default Redis response timeout: 500 ms (redis-rs' default).
+pub const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_millis(500);
+/// Default wait for a pooled connection: 200 ms, inside the fallback deadline.
+pub const DEFAULT_POOL_TIMEOUT: Duration = Duration::from_millis(200);
+/// Default connection pool size.
+pub const DEFAULT_POOL_SIZE: u32 = 16;
+/// Default idempotency entries held in memory.
+pub const DEFAULT_MAX_ENTRIES: u64 = 100_000;
+/// Default rate-limiter keys held in memory.
+pub const DEFAULT_MAX_KEYS: u64 = 100_000;
+/// Default fsync interval of the disk spool with `fsync: interval`.
+pub const DEFAULT_FSYNC_INTERVAL: Duration = Duration::from_secs(1);
+/// Default deadline of one primary call under the fallback: 250 ms.
+pub const DEFAULT_DEADLINE: Duration = Duration::from_millis(250);
+/// Default consecutive unavailable errors that open the breaker: 3.
+pub const DEFAULT_FAILURE_THRESHOLD: u32 = 3;
+/// Default interval of the background probe while open: 250 ms.
+pub const DEFAULT_PROBE_INTERVAL: Duration = Duration::from_millis(250);
+/// Default successful probes that close the breaker again: 2.
+pub const DEFAULT_SUCCESS_THRESHOLD: u32 = 2;
+/// Default key prefix.
+pub const DEFAULT_KEY_PREFIX: &str = "reliability";
+/// Default namespace.
+pub const DEFAULT_NAMESPACE: &str = "default";
+/// Highest database number of a standalone or Sentinel Redis.
+pub const MAX_REDIS_DB: u32 = 15;
+
+/// The whole `reliability:` section.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+#[non_exhaustive]
+pub struct ReliabilityConfig {
+    /// The runtime profile. Default `baseline`.
+    pub profile: Profile,
+    /// Idempotency store backend; `None` takes the profile's choice (see
+    /// [`idempotency_backend`](Self::idempotency_backend)).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub idempotency_store: Option<IdempotencyBackend>,
+    /// Rate limiter backend; `None` takes the profile's choice.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rate_limiter: Option<RateLimiterBackend>,
+    /// Spool backend; `None` takes the profile's choice.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub spool: Option<SpoolBackend>,
+    /// First segment of every key (the service). `[A-Za-z0-9_.-]`, 1 to 64
+    /// bytes. Default `reliability`.
+    pub key_prefix: String,
+    /// Third segment of every key (the use within the service). Default
+    /// `default`.
+    pub namespace: String,
+    /// How to reach Redis; required by profile `redis-enabled`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub redis: Option<RedisConfig>,
+    /// The disk spool; required by `spool: disk`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub disk: Option<DiskConfig>,
+    /// Bounds of the in-process backends.
+    pub memory: MemoryConfig,
+    /// Limits every spool enforces.
+    pub spool_limits: SpoolLimitsConfig,
+    /// The delivery worker's retry schedule.
+    pub retry: RetryConfig,
+    /// How the Redis backends fall back to the local ones.
+    pub fallback: FallbackConfig,
+}
+
+impl Default for ReliabilityConfig {
+    fn default() -> Self {
+        Self::baseline()
+    }
+}
+
+/// Redis connection settings. Exactly one of `url`, `sentinel`, `cluster`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+#[non_exhaustive]
+pub struct RedisConfig {
+    /// A standalone server.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub url: Option<RedisUrl>,
+    /// A Sentinel-managed master.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sentinel: Option<SentinelConfig>,
+    /// A Redis Cluster.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<ClusterConfig>,
+    /// Database number, 0 to 15; must be 0 for a cluster. Default 0.
+    pub db: u32,
+    /// ACL user name (overrides one in the URL).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    /// Password (overrides one in the URL). Never printed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub password: Option<Secret>,
+    /// TLS settings; use with `rediss://` URLs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsConfig>,
+    /// Time to establish a connection. Default 1 s.
+    #[serde(with = "duration")]
+    pub connect_timeout: Duration,
+    /// Time to wait for one reply. Default 500 ms.
+    #[serde(with = "duration")]
+    pub response_timeout: Duration,
+    /// Time to wait for a pooled connection. Default 200 ms.
+    #[serde(with = "duration")]
+    pub pool_timeout: Duration,
+    /// Connections in the pool. Default 16.
+    pub pool_size: u32,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        Self {
+            url: None,
+            sentinel: None,
+            cluster: None,
+            db: 0,
+            username: None,
+            password: None,
+            tls: None,
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            response_timeout: DEFAULT_RESPONSE_TIMEOUT,
+            pool_timeout: DEFAULT_POOL_TIMEOUT,
+            pool_size: DEFAULT_POOL_SIZE,
+        }
+    }
+}
+
+impl RedisConfig {
+    /// A standalone server at `url`, other settings default.
+    pub fn standalone(url: RedisUrl) -> Self {
+        Self {
+            url: Some(url),
+            ..Self::default()
+        }
+    }
+
+    /// A Sentinel-managed master, other settings default.
+    pub fn sentinel(master_name: impl Into<String>, urls: Vec<RedisUrl>) -> Self {
+        Self {
+            sentinel: Some(SentinelConfig {
+                master_name: master_name.into(),
+                urls,
+            }),
+            ..Self::default()
+        }
+    }
+
+    /// A cluster reached through `urls`, other settings default.
+    pub fn cluster(urls: Vec<RedisUrl>) -> Self {
+        Self {
+            cluster: Some(ClusterConfig { urls }),
+            ..Self::default()
+        }
+    }
+}
+
+/// A Sentinel deployment.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[non_exhaustive]
+pub struct SentinelConfig {
+    /// The master's name as the sentinels know it.
+    pub master_name: String,
+    /// The sentinels' URLs (`redis://host:26379`).
+    pub urls: Vec<RedisUrl>,
+}
+
+/// A Redis Cluster.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[non_exhaustive]
+pub struct ClusterConfig {
+    /// Seed nodes.
+    pub urls: Vec<RedisUrl>,
+}
+
+/// TLS settings for Redis connections.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+#[non_exhaustive]
+pub struct TlsConfig {
+    /// PEM file of the CA to trust (default: the system roots).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
+    /// PEM client certificate (mutual TLS); needs `keyFile`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cert_file: Option<PathBuf>,
+    /// PEM client key (mutual TLS); needs `certFile`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key_file: Option<PathBuf>,
+    /// Accept any server certificate. For tests only. Default false.
+    pub insecure_skip_verify: bool,
+}
+
+/// When the disk spool syncs to stable storage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+#[non_exhaustive]
+pub enum FsyncPolicy {
+    /// Before `enqueue` returns (group commit). The default.
+    #[default]
+    Always,
+    /// Every `fsyncInterval`; a power loss may lose that much.
+    Interval,
+    /// Never explicitly; the OS decides. Survives a process crash only.
+    None,
+}
+
+/// The disk spool.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[non_exhaustive]
+pub struct DiskConfig {
+    /// Directory of the spool's files (created if missing).
+    pub dir: PathBuf,
+    /// Bytes of payload the disk spool holds; default `spoolLimits.maxBytes`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_bytes: Option<u64>,
+    /// Records the disk spool holds; default `spoolLimits.maxRecords`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_records: Option<u64>,
+    /// When to sync. Default `always`.
+    #[serde(default)]
+    pub fsync: FsyncPolicy,
+    /// Sync interval with `fsync: interval`. Default 1 s.
+    #[serde(default = "default_fsync_interval", with = "duration")]
+    pub fsync_interval: Duration,
+}
+
+fn default_fsync_interval() -> Duration {
+    DEFAULT_FSYNC_INTERVAL
+}
+
+impl DiskConfig {
+    /// A disk spool in `dir`, other settings default.
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Self {
+            dir: dir.into(),
+            max_bytes: None,
+            max_records: None,
+            fsync: FsyncPolicy::default(),
+            fsync_interval: DEFAULT_FSYNC_INTERVAL,
+        }
+    }
+
+    /// The limits of the disk spool: `spool_limits` with this section's
+    /// overrides.
+    pub fn limits(&self, spool_limits: &SpoolLimitsConfig) -> SpoolLimits {
+        let mut l = spool_limits.limits();
+        if let Some(b) = self.max_bytes {
+            l.max_bytes = b;
+        }
+        if let Some(r) = self.max_records {
+            l.max_records = r;
+        }
+        l
+    }
+}
+
+/// Bounds of the in-process backends.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+#[non_exhaustive]
+pub struct MemoryConfig {
+    /// Idempotency entries held at most. Default 100,000.
+    pub max_entries: u64,
+    /// Rate-limiter keys held at most. Default 100,000.
+    pub max_keys: u64,
+}
+
+impl Default for MemoryConfig {
+    fn default() -> Self {
+        Self {
+            max_entries: DEFAULT_MAX_ENTRIES,
+            max_keys: DEFAULT_MAX_KEYS,
+        }
+    }
+}
+
+/// Limits every spool enforces (seed 004's defaults).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+#[non_exhaustive]
+pub struct SpoolLimitsConfig {
+    /// Records held at most, dead ones included. Default 10,000.
+    pub max_records: u64,
+    /// Payload bytes held at most. Default 256 MiB.
+    pub max_bytes: u64,
+    /// Largest payload of one record. Default 1 MiB.
+    pub max_record_bytes: u64,
+    /// Age after which a record is dead-lettered as expired. Default 7 days.
+    #[serde(with = "duration")]
+    pub retention: Duration,
+    /// Depth (ready + delayed + leased) above which status raises an alert.
+    /// Default 100.
+    pub alert_depth: u64,
+}
+
+impl Default for SpoolLimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_records: DEFAULT_MAX_RECORDS,
+            max_bytes: DEFAULT_MAX_BYTES,
+            max_record_bytes: DEFAULT_MAX_RECORD_BYTES as u64,
+            retention: DEFAULT_RETENTION,
+            alert_depth: DEFAULT_ALERT_DEPTH,
+        }
+    }
+}
+
+impl SpoolLimitsConfig {
+    /// The [`SpoolLimits`] backends take.
+    pub fn limits(&self) -> SpoolLimits {
+        SpoolLimits::default()
+            .with_max_records(self.max_records)
+            .with_max_bytes(self.max_bytes)
+            .with_max_record_bytes(usize::try_from(self.max_record_bytes).unwrap_or(usize::MAX))
+            .with_retention(self.retention)
+    }
+}
+
+/// The delivery worker's retry schedule.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+#[non_exhaustive]
+pub struct RetryConfig {
+    /// Delays between tries. Default `[1m, 5m, 15m, 1h, 4h, 24h]`.
+    #[serde(with = "duration::list")]
+    pub schedule: Vec<Duration>,
+    /// Jitter fraction in `[0, 1)`. Default 0.1 (±10 %).
+    pub jitter: f64,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        let p = RetryPolicy::default();
+        Self {
+            schedule: p.schedule().to_vec(),
+            jitter: p.jitter(),
+        }
+    }
+}
+
+impl RetryConfig {
+    /// The [`RetryPolicy`] of this schedule.
+    ///
+    /// # Errors
+    /// [`Error::Config`] naming `reliability.retry.*` if invalid.
+    pub fn policy(&self) -> Result<RetryPolicy> {
+        let mut problems = Vec::new();
+        self.check(&mut problems);
+        if let Some(e) = problems.into_iter().next() {
+            return Err(e);
+        }
+        RetryPolicy::new(self.schedule.clone(), self.jitter)
+            .map_err(|e| Error::config("reliability.retry", e.to_string()))
+    }
+
+    fn check(&self, p: &mut Vec<Error>) {
+        if self.schedule.is_empty() {
+            p.push(Error::config(
+                "reliability.retry.schedule",
+                "must hold at least one delay",
+            ));
+        }
+        for (i, d) in self.schedule.iter().enumerate() {
+            if d.is_zero() {
+                p.push(Error::config(
+                    format!("reliability.retry.schedule[{i}]"),
+                    "must be greater than zero",
+                ));
+            }
+        }
+        if !(0.0..1.0).contains(&self.jitter) {
+            p.push(Error::config(
+                "reliability.retry.jitter",
+                format!("{} is outside [0, 1)", self.jitter),
+            ));
+        }
+    }
+}
+
+/// What a rate limiter does while Redis is unavailable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+#[non_exhaustive]
+pub enum RateLimitFallback {
+    /// Allow every request.
+    FailOpen,
+    /// Deny every request.
+    FailClosed,
+    /// Each replica enforces the full quota locally.
+    LocalFull,
+    /// Each replica enforces `quota / replicas` locally. The default.
+    #[default]
+    LocalShare,
+}
+
+/// How the Redis backends fall back to the local ones.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+#[non_exhaustive]
+pub struct FallbackConfig {
+    /// Deadline of one primary call, pool checkout included. Default 250 ms.
+    #[serde(with = "duration")]
+    pub deadline: Duration,
+    /// Consecutive unavailable errors that open the breaker. Default 3.
+    pub failure_threshold: u32,
+    /// Probe interval while open. Default 250 ms.
+    #[serde(with = "duration")]
+    pub probe_interval: Duration,
+    /// Successful probes that close the breaker. Default 2.
+    pub success_threshold: u32,
+    /// Rate limiting while Redis is down. Default `localShare`.
+    pub rate_limit_policy: RateLimitFallback,
+    /// Replicas sharing one quota (for `localShare`). Default 1.
+    pub replicas: u32,
+}
+
+impl Default for FallbackConfig {
+    fn default() -> Self {
+        Self {
+            deadline: DEFAULT_DEADLINE,
+            failure_threshold: DEFAULT_FAILURE_THRESHOLD,
+            probe_interval: DEFAULT_PROBE_INTERVAL,
+            success_threshold: DEFAULT_SUCCESS_THRESHOLD,
+            rate_limit_policy: RateLimitFallback::default(),
+            replicas: 1,
+        }
+    }
+}
+
+impl FallbackConfig {
+    /// The quota a local limiter enforces for `quota` while Redis is down:
+    /// the whole quota (`localFull`), its share (`localShare`), or `None`
+    /// when the policy answers without a limiter (`failOpen`, `failClosed`).
+    pub fn local_quota(&self, quota: Quota) -> Option<Quota> {
+        match self.rate_limit_policy {
+            RateLimitFallback::LocalFull => Some(quota),
+            RateLimitFallback::LocalShare => Some(quota.share(self.replicas)),
+            RateLimitFallback::FailOpen | RateLimitFallback::FailClosed => None,
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Validation
+// ---------------------------------------------------------------------------
+
+impl ReliabilityConfig {
+    /// The baseline profile with every default: memory idempotency store,
+    /// local rate limiter, no spool.
+    pub fn baseline() -> Self {
+        Self {
+            profile: Profile::Baseline,
+            idempotency_store: None,
+            rate_limiter: None,
+            spool: None,
+            key_prefix: DEFAULT_KEY_PREFIX.into(),
+            namespace: DEFAULT_NAMESPACE.into(),
+            redis: None,
+            disk: None,
+            memory: MemoryConfig::default(),
+            spool_limits: SpoolLimitsConfig::default(),
+            retry: RetryConfig::default(),
+            fallback: FallbackConfig::default(),
+        }
+    }
+
+    /// The `redis-enabled` profile with `redis`: all three primitives on
+    /// Redis (the spool too), other settings default.
+    pub fn redis_enabled(redis: RedisConfig) -> Self {
+        Self {
+            profile: Profile::RedisEnabled,
+            redis: Some(redis),
+            ..Self::baseline()
+        }
+    }
+
+    /// The effective idempotency store: the configured one, else `redis`
+    /// under profile `redis-enabled` and `memory` under `baseline`.
+    pub fn idempotency_backend(&self) -> IdempotencyBackend {
+        self.idempotency_store.unwrap_or(match self.profile {
+            Profile::RedisEnabled => IdempotencyBackend::Redis,
+            Profile::Baseline => IdempotencyBackend::Memory,
+        })
+    }
+
+    /// The effective rate limiter: the configured one, else by profile
+    /// (`redis` / `local`).
+    pub fn rate_limiter_backend(&self) -> RateLimiterBackend {
+        self.rate_limiter.unwrap_or(match self.profile {
+            Profile::RedisEnabled => RateLimiterBackend::Redis,
+            Profile::Baseline => RateLimiterBackend::Local,
+        })
+    }
+
+    /// The effective spool: the configured one, else by profile (`redis` /
+    /// `none`).
+    pub fn spool_backend(&self) -> SpoolBackend {
+        self.spool.unwrap_or(match self.profile {
+            Profile::RedisEnabled => SpoolBackend::Redis,
+            Profile::Baseline => SpoolBackend::None,
+        })
+    }
+
+    /// The retry policy of the delivery worker.
+    ///
+    /// # Errors
+    /// [`Error::Config`] if `retry` is invalid.
+    pub fn retry_policy(&self) -> Result<RetryPolicy> {
+        self.retry.policy()
+    }
+
+    /// Checks the whole configuration and returns the first problem.
+    ///
+    /// # Errors
+    /// [`Error::Config`] whose `field` is the dotted path of the offending
+    /// key (`reliability.redis.url`, `reliability.retry.schedule[2]`, ...).
+    pub fn validate(&self) -> Result<()> {
+        match self.problems().into_iter().next() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// Every problem of the configuration, in the order of the keys; empty
+    /// when valid. Each is an [`Error::Config`].
+    pub fn problems(&self) -> Vec<Error> {
+        let mut p = Vec::new();
+        let c = |field: &str, msg: String| Error::config(format!("reliability.{field}"), msg);
+
+        for (field, value) in [
+            ("keyPrefix", &self.key_prefix),
+            ("namespace", &self.namespace),
+        ] {
+            if let Err(e) = crate::key::validate_segment(value) {
+                let msg = match e {
+                    Error::InvalidKey { reason, .. } => format!("{value:?}: {reason}"),
+                    other => other.to_string(),
+                };
+                p.push(c(field, msg));
+            }
+        }
+
+        let baseline = self.profile == Profile::Baseline;
+        let needs_redis = |what: &str| {
+            format!("{what} = redis needs profile: redis-enabled (the profile is baseline)")
+        };
+        if baseline && self.idempotency_backend().is_redis() {
+            p.push(c("idempotencyStore", needs_redis("idempotencyStore")));
+        }
+        if baseline && self.rate_limiter_backend().is_redis() {
+            p.push(c("rateLimiter", needs_redis("rateLimiter")));
+        }
+        if baseline && self.spool_backend().is_redis() {
+            p.push(c("spool", needs_redis("spool")));
+        }
+        if self.spool == Some(SpoolBackend::Memory) {
+            p.push(c("spool", "must be one of none, redis, disk".into()));
+        }
+
+        match &self.redis {
+            None if !baseline => p.push(c(
+                "redis",
+                "profile redis-enabled needs a redis section (url, sentinel or cluster)".into(),
+            )),
+            None => {}
+            Some(r) => r.check(&mut p),
+        }
+
+        if self.spool_backend() == SpoolBackend::Disk && self.disk.is_none() {
+            p.push(c("disk.dir", "spool: disk needs disk.dir".into()));
+        }
+        if let Some(d) = &self.disk {
+            if d.dir.as_os_str().is_empty() {
+                p.push(c("disk.dir", "must not be empty".into()));
+            }
+            if d.max_bytes == Some(0) {
+                p.push(c("disk.maxBytes", "must be greater than zero".into()));
+            }
+            if d.max_records == Some(0) {
+                p.push(c("disk.maxRecords", "must be greater than zero".into()));
+            }
+            if d.fsync == FsyncPolicy::Interval && d.fsync_interval.is_zero() {
+                p.push(c(
+                    "disk.fsyncInterval",
+                    "must be greater than zero with fsync: interval".into(),
+                ));
+            }
+        }
+
+        if self.memory.max_entries == 0 {
+            p.push(c("memory.maxEntries", "must be greater than zero".into()));
+        }
+        if self.memory.max_keys == 0 {
+            p.push(c("memory.maxKeys", "must be greater than zero".into()));
+        }
+
+        let l = &self.spool_limits;
+        if l.max_records == 0 {
+            p.push(c(
+                "spoolLimits.maxRecords",
+                "must be greater than zero".into(),
+            ));
+        }
+        if l.max_bytes == 0 {
+            p.push(c(
+                "spoolLimits.maxBytes",
+                "must be greater than zero".into(),
+            ));
+        }
+        if l.max_record_bytes == 0 {
+            p.push(c(
+                "spoolLimits.maxRecordBytes",
+                "must be greater than zero".into(),
+            ));
+        } else if l.max_record_bytes > l.max_bytes {
+            p.push(c(
+                "spoolLimits.maxRecordBytes",
+                format!("{} exceeds maxBytes {}", l.max_record_bytes, l.max_bytes),
+            ));
+        }
+        if l.retention.is_zero() {
+            p.push(c(
+                "spoolLimits.retention",
+                "must be greater than zero".into(),
+            ));
+        }
+
+        self.retry.check(&mut p);
+
+        let f = &self.fallback;
+        if f.deadline.is_zero() {
+            p.push(c("fallback.deadline", "must be greater than zero".into()));
+        }
+        if f.failure_threshold == 0 {
+            p.push(c("fallback.failureThreshold", "must be at least 1".into()));
+        }
+        if f.probe_interval.is_zero() {
+            p.push(c(
+                "fallback.probeInterval",
+                "must be greater than zero".into(),
+            ));
+        }
+        if f.success_threshold == 0 {
+            p.push(c("fallback.successThreshold", "must be at least 1".into()));
+        }
+        if f.replicas == 0 {
+            let why = if f.rate_limit_policy == RateLimitFallback::LocalShare {
+                "must be at least 1 with rateLimitPolicy: localShare"
+            } else {
+                "must be at least 1"
+            };
+            p.push(c("fallback.replicas", why.into()));
+        }
+        p
+    }
+}
+
+impl RedisConfig {
+    fn check(&self, p: &mut Vec<Error>) {
+        let c = |field: &str, msg: &str| Error::config(format!("reliability.redis.{field}"), msg);
+        let set: Vec<&str> = [
+            ("url", self.url.is_some()),
+            ("sentinel", self.sentinel.is_some()),
+            ("cluster", self.cluster.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(n, on)| on.then_some(n))
+        .collect();
+        match set.as_slice() {
+            [] => p.push(Error::config(
+                "reliability.redis",
+                "set one of url, sentinel, cluster",
+            )),
+            [_] => {}
+            [first, second, ..] => p.push(c(
+                second,
+                &format!("url, sentinel and cluster are exclusive; {first} is already set"),
+            )),
+        }
+        if let Some(u) = &self.url {
+            if u.has_placeholder() {
+                p.push(c("url", "holds the redaction placeholder *** as password"));
+            }
+            if self.tls.is_some() && !u.is_tls() {
+                p.push(c("tls", "is set but url uses redis://; use rediss://"));
+            }
+        }
+        if let Some(s) = &self.sentinel {
+            if s.master_name.trim().is_empty() {
+                p.push(c("sentinel.masterName", "must not be empty"));
+            }
+            if s.urls.is_empty() {
+                p.push(c("sentinel.urls", "must hold at least one sentinel"));
+            }
+            for (i, u) in s.urls.iter().enumerate() {
+                if u.has_placeholder() {
+                    p.push(c(
+                        &format!("sentinel.urls[{i}]"),
+                        "holds the redaction placeholder *** as password",
+                    ));
+                }
+            }
+        }
+        if let Some(cl) = &self.cluster {
+            if cl.urls.is_empty() {
+                p.push(c("cluster.urls", "must hold at least one node"));
+            }
+            for (i, u) in cl.urls.iter().enumerate() {
+                if u.has_placeholder() {
+                    p.push(c(
+                        &format!("cluster.urls[{i}]"),
+                        "holds the redaction placeholder *** as password",
+                    ));
+                }
+            }
+            if self.db != 0 {
+                p.push(c("db", "must be 0 for a cluster"));
+            }
+        }
+        if self.db > MAX_REDIS_DB {
+            p.push(c(
+                "db",
+                &format!("{} is outside 0..={MAX_REDIS_DB}", self.db),
+            ));
+        }
+        if self.username.as_deref() == Some("") {
+            p.push(c("username", "must not be empty"));
+        }
+        if self.password.as_ref().is_some_and(Secret::is_placeholder) {
+            p.push(c(
+                "password",
+                "is the redaction placeholder ***; set the real password",
+            ));
+        }
+        if let Some(t) = &self.tls {
+            match (&t.cert_file, &t.key_file) {
+                (Some(_), None) => p.push(c("tls.keyFile", "certFile needs keyFile")),
+                (None, Some(_)) => p.push(c("tls.certFile", "keyFile needs certFile")),
+                _ => {}
+            }
+        }
+        for (field, d) in [
+            ("connectTimeout", self.connect_timeout),
+            ("responseTimeout", self.response_timeout),
+            ("poolTimeout", self.pool_timeout),
+        ] {
+            if d.is_zero() {
+                p.push(c(field, "must be greater than zero"));
+            }
+        }
+        if self.pool_size == 0 {
+            p.push(c("poolSize", "must be at least 1"));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_round_trip() {
+        for s in [
+            "250ms",
+            "1m",
+            "7d",
+            "1h30m",
+            "1s500ms",
+            "0s",
+            "3us",
+            "1d1h1m1s1ms1us1ns",
+        ] {
+            let d = duration::parse(s).unwrap();
+            assert_eq!(duration::format(d), s);
+        }
+        assert_eq!(
+            duration::parse("1h 30m").unwrap(),
+            Duration::from_secs(5400)
+        );
+        assert_eq!(duration::parse("5µs").unwrap(), Duration::from_micros(5));
+        for bad in [
+            "",
+            "250",
+            "1.5s",
+            "5x",
+            "ms",
+            "h1",
+            "99999999999999999999999999999999999999999d",
+        ] {
+            assert!(duration::parse(bad).is_err(), "{bad:?} should fail");
+        }
+    }
+
+    #[test]
+    fn urls_are_checked_and_redacted() {
+        for ok in [
+            "redis://localhost",
+            "redis://127.0.0.1:6379/0",
+            "rediss://u:p@h:6380",
+            "redis://:p@h",
+            "redis://[::1]:6379",
+            "redis://h/3?protocol=resp3",
+        ] {
+            assert!(RedisUrl::new(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "http://h",
+            "redis://",
+            "redis://h:port",
+            "redis://h:0",
+            "redis://h/x",
+            "redis://[::1",
+            "REDIS://h",
+        ] {
+            assert!(RedisUrl::new(bad).is_err(), "{bad}");
+        }
+        let u = RedisUrl::new("redis://u:s3cr3t@h").unwrap();
+        assert_eq!(u.to_string(), "redis://u:***@h");
+        assert!(!format!("{u:?}").contains("s3cr3t"));
+        assert!(RedisUrl::new("redis://u:***@h").unwrap().has_placeholder());
+    }
+
+    #[test]
+    fn baseline_is_valid_and_defaults_follow_profile() {
+        let b = ReliabilityConfig::baseline();
+        assert_eq!(b.validate().ok(), Some(()));
+        assert_eq!(b.idempotency_backend(), IdempotencyBackend::Memory);
+        assert_eq!(b.rate_limiter_backend(), RateLimiterBackend::Local);
+        assert_eq!(b.spool_backend(), SpoolBackend::None);
+        let r = ReliabilityConfig::redis_enabled(RedisConfig::standalone(
+            RedisUrl::new("redis://h").unwrap(),
+        ));
+        assert!(r.validate().is_ok());
+        assert_eq!(r.spool_backend(), SpoolBackend::Redis);
+    }
+
+    #[test]
+    fn local_quota_follows_policy() {
+        let q = Quota::per_second(30).unwrap();
+        let mut f = FallbackConfig {
+            replicas: 3,
+            ..FallbackConfig::default()
+        };
+        assert_eq!(f.local_quota(q), Some(q.share(3)));
+        f.rate_limit_policy = RateLimitFallback::LocalFull;
+        assert_eq!(f.local_quota(q), Some(q));
+        f.rate_limit_policy = RateLimitFallback::FailOpen;
+        assert_eq!(f.local_quota(q), None);
+    }
+}

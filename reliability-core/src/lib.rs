@@ -43,6 +43,7 @@ pub mod testkit;
 
 pub use capability::Capabilities;
 pub use clock::{system_clock, Clock, ManualClock, SharedClock, SystemClock, Timestamp};
+pub use config::{Profile, ReliabilityConfig};
 pub use error::{BoxError, Error, Result, UnavailableReason};
 pub use idempotency::{
     Claim, Fingerprint, IdempotencyStore, IdempotencyStoreExt, Lease, LeaseToken,
@@ -54,6 +55,7 @@ pub use spool::{
     DeadReason, DeadRecord, Durability, Enqueued, Leased, NackOutcome, NewRecord, Record, RecordId,
     Spool, SpoolLimits, SpoolStats, SpoolToken,
 };
+pub use status::{HealthStatus, Overall, StatusHub};
 pub use worker::{DeliveryWorker, WorkerConfig, WorkerHandle};
 
 /// Re-exports for the `*_suite!` macros; not part of the public API.

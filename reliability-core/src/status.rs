@@ -1,1 +1,871 @@
-//! Health status model.
+//! The health status model (seed 000's shape) and the hub that publishes it.
+//!
+//! A [`HealthStatus`] says which backend answers each primitive now, whether
+//! Redis is available, the breaker's state, the spool's depth, and one
+//! [`Overall`] verdict. Serialized (serde, camelCase) inside
+//! [`HealthStatus::document`] it reads like seed 000's example:
+//!
+//! ```yaml
+//! status:
+//!   reliability:
+//!     profile: redis-enabled
+//!     overall: degraded
+//!     redis: { available: false, degraded: true, fallback: baseline }
+//!     local: { available: true }
+//!     components: { idempotencyStore: memory, rateLimiter: local, spool: disk }
+//!     fallbackFrom: { idempotencyStore: redis, rateLimiter: redis, spool: redis }
+//!     breaker: { state: open, since: 2025-01-01T00:00:00.000Z, lastError: "..." }
+//!     pendingReconcile: 0
+//!     spool: { depth: 0, ready: 0, delayed: 0, leased: 0, dead: 0, alert: false }
+//! ```
+//!
+//! Rules: [`Overall::Degraded`] is still ready (a Redis outage costs shared
+//! state, not service); [`Overall::Unhealthy`] only when the local side fails
+//! too; liveness never depends on Redis ([`HealthStatus::is_live`]).
+//!
+//! Hosts watch the status through a [`StatusHub`]:
+//!
+//! ```
+//! use reliability_core::config::ReliabilityConfig;
+//! use reliability_core::status::{BreakerState, HealthStatus, Overall, StatusHub};
+//!
+//! let hub = StatusHub::new(HealthStatus::from_config(&ReliabilityConfig::baseline()));
+//! let mut rx = hub.subscribe();
+//! assert_eq!(hub.current().overall, Overall::Healthy);
+//! assert!(!hub.update(|_| {}));                      // no change: nobody woken
+//! assert!(hub.update(|s| s.local.available = false)); // the local side fails
+//! assert!(rx.has_changed().unwrap());
+//! assert_eq!(rx.borrow_and_update().overall, Overall::Unhealthy);
+//! # let _ = BreakerState::Closed;
+//! ```
+//!
+//! Error texts shown in status go through [`redact`] (the [`Redacted`] type
+//! does it on construction), so no password reaches a dashboard.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use crate::clock::Timestamp;
+use crate::config::{
+    IdempotencyBackend, Profile, RateLimiterBackend, ReliabilityConfig, SpoolBackend, REDACTED,
+};
+use crate::spool::SpoolStats;
+
+// ---------------------------------------------------------------------------
+// Redaction
+// ---------------------------------------------------------------------------
+
+/// Keys whose values [`redact`] hides in `key=value` / `key: value` text.
+const SECRET_KEYS: [&str; 6] = [
+    "password",
+    "passwd",
+    "pwd",
+    "secret",
+    "token",
+    "requirepass",
+];
+
+/// Removes credentials from free text (an error message, a URL): the
+/// password of every `scheme://user:password@host` (a lone `user@` is
+/// hidden too, as some clients read it as a password) and the value of
+/// every `password=`, `passwd=`, `pwd=`, `secret=`, `token=`,
+/// `requirepass=` (also with `:`), case-insensitively.
+///
+/// ```
+/// use reliability_core::status::redact;
+///
+/// assert_eq!(
+///     redact("connect redis://app:hunter2@10.0.0.5:6379 failed"),
+///     "connect redis://app:***@10.0.0.5:6379 failed"
+/// );
+/// assert_eq!(redact("auth password=hunter2&db=0"), "auth password=***&db=0");
+/// assert_eq!(redact("redis://10.0.0.5"), "redis://10.0.0.5");
+/// ```
+pub fn redact(text: &str) -> String {
+    redact_key_values(&redact_userinfo(text))
+}
+
+fn is_token_end(c: char) -> bool {
+    c.is_whitespace() || matches!(c, '"' | '\'' | '<' | '>' | '`' | ',' | ';' | '(' | ')')
+}
+
+fn redact_userinfo(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(i) = rest.find("://") {
+        let start = i + 3;
+        out.push_str(&rest[..start]);
+        let after = &rest[start..];
+        let token_end = after.find(is_token_end).unwrap_or(after.len());
+        let token = &after[..token_end];
+        // The authority ends at the first '/', '?' or '#' after the last '@'
+        // (passwords may hold those characters unencoded, hosts may not).
+        match token.rfind('@') {
+            Some(at) => {
+                let userinfo = &token[..at];
+                match userinfo.find(':') {
+                    Some(colon) => {
+                        out.push_str(&userinfo[..=colon]);
+                        out.push_str(REDACTED);
+                    }
+                    None => out.push_str(REDACTED),
+                }
+                out.push_str(&token[at..]);
+            }
+            None => out.push_str(token),
+        }
+        rest = &after[token_end..];
+    }
+    out.push_str(rest);
+    out
+}
+
+fn redact_key_values(text: &str) -> String {
+    let lower = text.to_ascii_lowercase();
+    let bytes = text.as_bytes();
+    let mut out = String::with_capacity(text.len());
+    let mut copied = 0;
+    let mut i = 0;
+    while i < bytes.len() {
+        let Some(key) = SECRET_KEYS
+            .iter()
+            .find(|k| lower.as_bytes()[i..].starts_with(k.as_bytes()))
+        else {
+            i += 1;
+            continue;
+        };
+        let mut j = i + key.len();
+        while j < bytes.len() && bytes[j] == b' ' {
+            j += 1;
+        }
+        if j >= bytes.len() || !matches!(bytes[j], b'=' | b':') {
+            i += key.len();
+            continue;
+        }
+        j += 1;
+        while j < bytes.len() && bytes[j] == b' ' {
+            j += 1;
+        }
+        let value_start = j;
+        let value_end = match bytes.get(j) {
+            Some(&q @ (b'"' | b'\'')) => {
+                let close = text[j + 1..]
+                    .find(q as char)
+                    .map_or(bytes.len(), |k| j + 1 + k);
+                // Keep the quotes, hide what is between them.
+                out.push_str(&text[copied..=j]);
+                out.push_str(REDACTED);
+                copied = close;
+                i = close.max(j + 1);
+                continue;
+            }
+            _ => text[j..]
+                .find(|c: char| is_token_end(c) || c == '&')
+                .map_or(bytes.len(), |k| j + k),
+        };
+        if value_end > value_start {
+            out.push_str(&text[copied..value_start]);
+            out.push_str(REDACTED);
+            copied = value_end;
+        }
+        i = value_end.max(i + key.len());
+    }
+    out.push_str(&text[copied..]);
+    out
+}
+
+/// A string that went through [`redact`] when it was built: the only way
+/// to put error text into a [`HealthStatus`].
+#[derive(Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(from = "String", into = "String")]
+pub struct Redacted(String);
+
+impl Redacted {
+    /// Redacts `text`.
+    pub fn new(text: impl AsRef<str>) -> Self {
+        Redacted(redact(text.as_ref()))
+    }
+
+    /// The redacted text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<String> for Redacted {
+    fn from(s: String) -> Self {
+        Redacted::new(s)
+    }
+}
+
+impl From<&str> for Redacted {
+    fn from(s: &str) -> Self {
+        Redacted::new(s)
+    }
+}
+
+impl From<Redacted> for String {
+    fn from(r: Redacted) -> String {
+        r.0
+    }
+}
+
+impl fmt::Debug for Redacted {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.0, f)
+    }
+}
+
+impl fmt::Display for Redacted {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Model
+// ---------------------------------------------------------------------------
+
+/// The one-glance verdict.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+#[non_exhaustive]
+pub enum Overall {
+    /// Every component answers from its configured backend.
+    Healthy,
+    /// Some component answers from its fallback (or the breaker is not
+    /// closed): shared state is reduced, service is not. Still ready.
+    Degraded,
+    /// The local side fails too: calls fail. Not ready (still live).
+    Unhealthy,
+}
+
+/// The state of the breaker in front of Redis.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+#[non_exhaustive]
+pub enum BreakerState {
+    /// Calls go to Redis.
+    Closed,
+    /// Calls go straight to the local side; a background probe watches Redis.
+    Open,
+    /// Probes succeed; the breaker closes after enough of them.
+    HalfOpen,
+    /// Forced local by the operator.
+    Isolated,
+}
+
+/// What replaces Redis while it is unavailable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+#[non_exhaustive]
+pub enum RedisFallback {
+    /// Nothing is replaced: Redis answers, or is not used.
+    #[default]
+    None,
+    /// The baseline backends answer (seed 000's `fallback: baseline`).
+    Baseline,
+}
+
+/// Redis as the reliability layer sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+#[non_exhaustive]
+pub struct RedisStatus {
+    /// Redis answers (`false` under profile `baseline`).
+    pub available: bool,
+    /// Shared features are off because Redis is down or isolated.
+    pub degraded: bool,
+    /// What answers instead.
+    pub fallback: RedisFallback,
+}
+
+/// The local (baseline) side: memory, local limiter, disk.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+#[non_exhaustive]
+pub struct LocalStatus {
+    /// The local backends answer. When `false` the status is unhealthy.
+    pub available: bool,
+    /// Their last error, redacted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<Redacted>,
+}
+
+impl Default for LocalStatus {
+    fn default() -> Self {
+        Self {
+            available: true,
+            last_error: None,
+        }
+    }
+}
+
+/// One primitive: the backend configured and the backend answering now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub struct ComponentStatus<B> {
+    /// The backend the configuration asks for.
+    pub configured: B,
+    /// The backend answering now.
+    pub active: B,
+}
+
+impl<B: Copy + PartialEq> ComponentStatus<B> {
+    /// A component answering from its configured backend.
+    pub fn new(configured: B) -> Self {
+        Self {
+            configured,
+            active: configured,
+        }
+    }
+
+    /// The configured backend when another one answers now.
+    pub fn fallback_from(&self) -> Option<B> {
+        (self.active != self.configured).then_some(self.configured)
+    }
+
+    /// `true` when another backend than the configured one answers.
+    pub fn is_fallback(&self) -> bool {
+        self.active != self.configured
+    }
+}
+
+/// The three primitives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub struct Components {
+    /// The idempotency store.
+    pub idempotency_store: ComponentStatus<IdempotencyBackend>,
+    /// The rate limiter.
+    pub rate_limiter: ComponentStatus<RateLimiterBackend>,
+    /// The spool.
+    pub spool: ComponentStatus<SpoolBackend>,
+}
+
+impl Components {
+    /// Every component on its configured backend.
+    pub fn new(
+        idempotency_store: IdempotencyBackend,
+        rate_limiter: RateLimiterBackend,
+        spool: SpoolBackend,
+    ) -> Self {
+        Self {
+            idempotency_store: ComponentStatus::new(idempotency_store),
+            rate_limiter: ComponentStatus::new(rate_limiter),
+            spool: ComponentStatus::new(spool),
+        }
+    }
+
+    /// `true` when any component answers from a fallback.
+    pub fn any_fallback(&self) -> bool {
+        self.idempotency_store.is_fallback()
+            || self.rate_limiter.is_fallback()
+            || self.spool.is_fallback()
+    }
+}
+
+/// The breaker in front of Redis.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+#[non_exhaustive]
+pub struct BreakerStatus {
+    /// Its state.
+    pub state: BreakerState,
+    /// When it entered that state (RFC 3339, UTC, milliseconds).
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "rfc3339")]
+    pub since: Option<Timestamp>,
+    /// The last unavailable error, redacted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<Redacted>,
+}
+
+impl BreakerStatus {
+    /// A closed breaker with no history.
+    pub fn closed() -> Self {
+        Self {
+            state: BreakerState::Closed,
+            since: None,
+            last_error: None,
+        }
+    }
+
+    /// A breaker in `state` since `since`.
+    pub fn new(state: BreakerState, since: Timestamp) -> Self {
+        Self {
+            state,
+            since: Some(since),
+            last_error: None,
+        }
+    }
+
+    /// The same, with `error` (redacted) as the last error.
+    pub fn with_last_error(mut self, error: impl AsRef<str>) -> Self {
+        self.last_error = Some(Redacted::new(error));
+        self
+    }
+}
+
+/// The spool's depth and whether it needs attention.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+#[non_exhaustive]
+pub struct SpoolHealth {
+    /// Live records: ready + delayed + leased.
+    pub depth: u64,
+    /// Due and not leased.
+    pub ready: u64,
+    /// Waiting for their time (delay or retry).
+    pub delayed: u64,
+    /// Being delivered.
+    pub leased: u64,
+    /// In the dead-letter queue.
+    pub dead: u64,
+    /// `depth` is above `spoolLimits.alertDepth`, or records are dead (they
+    /// are never delivered without an operator).
+    pub alert: bool,
+}
+
+impl SpoolHealth {
+    /// Health of a spool with `stats`, alerting above `alert_depth`.
+    pub fn from_stats(stats: &SpoolStats, alert_depth: u64) -> Self {
+        let depth = stats.depth();
+        Self {
+            depth,
+            ready: stats.ready,
+            delayed: stats.delayed,
+            leased: stats.leased,
+            dead: stats.dead,
+            alert: depth > alert_depth || stats.dead > 0,
+        }
+    }
+}
+
+/// The reliability layer's health (seed 000's `status.reliability`).
+///
+/// Serialized camelCase with `components` holding the backend answering now
+/// and `fallbackFrom` the configured one for each component in fallback.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(into = "wire::Status", from = "wire::Status")]
+#[non_exhaustive]
+pub struct HealthStatus {
+    /// The configured profile.
+    pub profile: Profile,
+    /// The verdict; [`StatusHub::update`] keeps it equal to
+    /// [`evaluate`](Self::evaluate).
+    pub overall: Overall,
+    /// Redis.
+    pub redis: RedisStatus,
+    /// The local side.
+    pub local: LocalStatus,
+    /// Which backend answers each primitive.
+    pub components: Components,
+    /// The breaker in front of Redis; `None` without Redis.
+    pub breaker: Option<BreakerStatus>,
+    /// Entries written locally during an outage and not yet replayed to Redis.
+    pub pending_reconcile: u64,
+    /// The spool; `None` with `spool: none`.
+    pub spool: Option<SpoolHealth>,
+}
+
+impl HealthStatus {
+    /// The status right after start: every component on its configured
+    /// backend, Redis not yet seen available, breaker closed (with Redis),
+    /// an empty spool.
+    pub fn from_config(config: &ReliabilityConfig) -> Self {
+        let redis = config.profile == Profile::RedisEnabled;
+        let spool = config.spool_backend();
+        let mut s = Self {
+            profile: config.profile,
+            overall: Overall::Healthy,
+            redis: RedisStatus::default(),
+            local: LocalStatus::default(),
+            components: Components::new(
+                config.idempotency_backend(),
+                config.rate_limiter_backend(),
+                spool,
+            ),
+            breaker: redis.then(BreakerStatus::closed),
+            pending_reconcile: 0,
+            spool: (spool != SpoolBackend::None).then(SpoolHealth::default),
+        };
+        s.overall = s.evaluate();
+        s
+    }
+
+    /// The verdict the parts imply: [`Overall::Unhealthy`] when the local
+    /// side is unavailable; else [`Overall::Degraded`] when Redis is
+    /// degraded, a component answers from a fallback or the breaker is not
+    /// closed; else [`Overall::Healthy`]. A spool alert does not change it
+    /// (it reports the destination, not this layer): see
+    /// [`SpoolHealth::alert`].
+    pub fn evaluate(&self) -> Overall {
+        if !self.local.available {
+            Overall::Unhealthy
+        } else if self.redis.degraded
+            || self.components.any_fallback()
+            || self
+                .breaker
+                .as_ref()
+                .is_some_and(|b| b.state != BreakerState::Closed)
+        {
+            Overall::Degraded
+        } else {
+            Overall::Healthy
+        }
+    }
+
+    /// Readiness: `true` unless [`Overall::Unhealthy`]. Degraded is ready.
+    pub fn is_ready(&self) -> bool {
+        self.overall != Overall::Unhealthy
+    }
+
+    /// Liveness: always `true`. Nothing this layer observes (a Redis outage,
+    /// a full disk) is cured by restarting the process, so it never fails
+    /// liveness; a host that knows its process is broken says so itself.
+    pub fn is_live(&self) -> bool {
+        true
+    }
+
+    /// Wraps the status as seed 000 shows it: `status: { reliability: .. }`.
+    pub fn document(&self) -> StatusDocument<'_> {
+        StatusDocument {
+            status: StatusSection { reliability: self },
+        }
+    }
+}
+
+/// `status: { reliability: <HealthStatus> }`, for serialization.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct StatusDocument<'a> {
+    /// The `status` map.
+    pub status: StatusSection<'a>,
+}
+
+/// The `status` map of a [`StatusDocument`].
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct StatusSection<'a> {
+    /// The reliability layer's health.
+    pub reliability: &'a HealthStatus,
+}
+
+mod wire {
+    //! The serialized shape of [`HealthStatus`](super::HealthStatus).
+
+    use serde::{Deserialize, Serialize};
+
+    use super::*;
+
+    #[derive(Serialize, Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    pub(super) struct Status {
+        profile: Profile,
+        overall: Overall,
+        redis: RedisStatus,
+        #[serde(default)]
+        local: LocalStatus,
+        components: Active,
+        #[serde(default, skip_serializing_if = "FallbackFrom::is_empty")]
+        fallback_from: FallbackFrom,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        breaker: Option<BreakerStatus>,
+        #[serde(default)]
+        pending_reconcile: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        spool: Option<SpoolHealth>,
+    }
+
+    #[derive(Serialize, Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Active {
+        idempotency_store: IdempotencyBackend,
+        rate_limiter: RateLimiterBackend,
+        spool: SpoolBackend,
+    }
+
+    #[derive(Default, Serialize, Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct FallbackFrom {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        idempotency_store: Option<IdempotencyBackend>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        rate_limiter: Option<RateLimiterBackend>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        spool: Option<SpoolBackend>,
+    }
+
+    impl FallbackFrom {
+        fn is_empty(&self) -> bool {
+            self.idempotency_store.is_none() && self.rate_limiter.is_none() && self.spool.is_none()
+        }
+    }
+
+    impl From<HealthStatus> for Status {
+        fn from(s: HealthStatus) -> Self {
+            let c = s.components;
+            Status {
+                profile: s.profile,
+                overall: s.overall,
+                redis: s.redis,
+                local: s.local,
+                components: Active {
+                    idempotency_store: c.idempotency_store.active,
+                    rate_limiter: c.rate_limiter.active,
+                    spool: c.spool.active,
+                },
+                fallback_from: FallbackFrom {
+                    idempotency_store: c.idempotency_store.fallback_from(),
+                    rate_limiter: c.rate_limiter.fallback_from(),
+                    spool: c.spool.fallback_from(),
+                },
+                breaker: s.breaker,
+                pending_reconcile: s.pending_reconcile,
+                spool: s.spool,
+            }
+        }
+    }
+
+    impl From<Status> for HealthStatus {
+        fn from(w: Status) -> Self {
+            let a = w.components;
+            let f = w.fallback_from;
+            HealthStatus {
+                profile: w.profile,
+                overall: w.overall,
+                redis: w.redis,
+                local: w.local,
+                components: Components {
+                    idempotency_store: ComponentStatus {
+                        configured: f.idempotency_store.unwrap_or(a.idempotency_store),
+                        active: a.idempotency_store,
+                    },
+                    rate_limiter: ComponentStatus {
+                        configured: f.rate_limiter.unwrap_or(a.rate_limiter),
+                        active: a.rate_limiter,
+                    },
+                    spool: ComponentStatus {
+                        configured: f.spool.unwrap_or(a.spool),
+                        active: a.spool,
+                    },
+                },
+                breaker: w.breaker,
+                pending_reconcile: w.pending_reconcile,
+                spool: w.spool,
+            }
+        }
+    }
+}
+
+mod rfc3339 {
+    //! `Option<Timestamp>` as an RFC 3339 UTC string with milliseconds,
+    //! e.g. `2025-01-01T00:00:00.000Z`.
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    use crate::clock::Timestamp;
+
+    const MICROS_PER_DAY: u64 = 86_400_000_000;
+
+    pub(super) fn serialize<S: Serializer>(t: &Option<Timestamp>, s: S) -> Result<S::Ok, S::Error> {
+        match t {
+            Some(t) => s.serialize_str(&format(*t)),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<Timestamp>, D::Error> {
+        Option::<String>::deserialize(d)?
+            .map(|s| {
+                parse(&s).ok_or_else(|| {
+                    serde::de::Error::custom(format!("invalid RFC 3339 UTC time {s:?}"))
+                })
+            })
+            .transpose()
+    }
+
+    pub(super) fn format(t: Timestamp) -> String {
+        let us = t.as_micros();
+        let days = us / MICROS_PER_DAY;
+        let rem = us % MICROS_PER_DAY;
+        let (y, m, d) = civil_from_days(i64::try_from(days).unwrap_or(i64::MAX));
+        let secs = rem / 1_000_000;
+        format!(
+            "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:03}Z",
+            secs / 3600,
+            secs / 60 % 60,
+            secs % 60,
+            rem % 1_000_000 / 1000
+        )
+    }
+
+    /// Reads `YYYY-MM-DDTHH:MM:SS[.fraction]Z`.
+    pub(super) fn parse(s: &str) -> Option<Timestamp> {
+        let s = s.strip_suffix('Z').or_else(|| s.strip_suffix('z'))?;
+        let (date, time) = s.split_once(['T', 't'])?;
+        let mut dp = date.splitn(3, '-');
+        let y: i64 = dp.next()?.parse().ok()?;
+        let m: u32 = dp.next()?.parse().ok()?;
+        let d: u32 = dp.next()?.parse().ok()?;
+        let (hms, frac) = match time.split_once('.') {
+            Some((a, b)) => (a, b),
+            None => (time, ""),
+        };
+        let mut tp = hms.splitn(3, ':');
+        let hh: u64 = tp.next()?.parse().ok()?;
+        let mm: u64 = tp.next()?.parse().ok()?;
+        let ss: u64 = tp.next()?.parse().ok()?;
+        if !(1..=12).contains(&m) || !(1..=31).contains(&d) || hh > 23 || mm > 59 || ss > 60 {
+            return None;
+        }
+        if !frac.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        let mut micros: u64 = 0;
+        for (i, b) in frac.bytes().take(6).enumerate() {
+            micros += u64::from(b - b'0') * 10u64.pow(5 - i as u32);
+        }
+        let days = u64::try_from(days_from_civil(y, m, d)).ok()?;
+        Some(Timestamp::from_micros(
+            days * MICROS_PER_DAY + (hh * 3600 + mm * 60 + ss) * 1_000_000 + micros,
+        ))
+    }
+
+    // Howard Hinnant's algorithms (proleptic Gregorian calendar).
+    fn civil_from_days(z: i64) -> (i64, u32, u32) {
+        let z = z + 719_468;
+        let era = z.div_euclid(146_097);
+        let doe = z.rem_euclid(146_097);
+        let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+        let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+        let mp = (5 * doy + 2) / 153;
+        let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+        let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+        let y = yoe + era * 400 + i64::from(m <= 2);
+        (y, m, d)
+    }
+
+    fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
+        let y = y - i64::from(m <= 2);
+        let era = y.div_euclid(400);
+        let yoe = y.rem_euclid(400);
+        let m = i64::from(m);
+        let mp = if m > 2 { m - 3 } else { m + 9 };
+        let doy = (153 * mp + 2) / 5 + i64::from(d) - 1;
+        let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+        era * 146_097 + doe - 719_468
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn round_trips() {
+            let t = Timestamp::from_micros(1_735_689_600_000_000);
+            assert_eq!(format(t), "2025-01-01T00:00:00.000Z");
+            assert_eq!(parse("2025-01-01T00:00:00.000Z"), Some(t));
+            let t2 = Timestamp::from_micros(951_827_696_789_000); // leap day 2000
+            assert_eq!(format(t2), "2000-02-29T12:34:56.789Z");
+            assert_eq!(parse(&format(t2)), Some(t2));
+            assert_eq!(format(Timestamp::ZERO), "1970-01-01T00:00:00.000Z");
+            assert_eq!(parse("2025-13-01T00:00:00Z"), None);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Hub
+// ---------------------------------------------------------------------------
+
+/// Publishes the current [`HealthStatus`] to any number of watchers. Clones
+/// share one status.
+#[derive(Debug, Clone)]
+pub struct StatusHub {
+    tx: watch::Sender<HealthStatus>,
+}
+
+impl StatusHub {
+    /// A hub holding `initial` (with `overall` recomputed).
+    pub fn new(mut initial: HealthStatus) -> Self {
+        initial.overall = initial.evaluate();
+        let (tx, _rx) = watch::channel(initial);
+        Self { tx }
+    }
+
+    /// A receiver that sees the current status and is woken on each change.
+    pub fn subscribe(&self) -> watch::Receiver<HealthStatus> {
+        self.tx.subscribe()
+    }
+
+    /// A copy of the current status.
+    pub fn current(&self) -> HealthStatus {
+        self.tx.borrow().clone()
+    }
+
+    /// Changes the status with `f`, recomputes `overall`, and wakes the
+    /// watchers only if the result differs from before. Returns whether it
+    /// changed.
+    pub fn update(&self, f: impl FnOnce(&mut HealthStatus)) -> bool {
+        self.tx.send_if_modified(|s| {
+            let before = s.clone();
+            f(s);
+            s.overall = s.evaluate();
+            *s != before
+        })
+    }
+
+    /// Replaces the status (with `overall` recomputed); wakes the watchers
+    /// only if it differs. Returns whether it changed.
+    pub fn set(&self, status: HealthStatus) -> bool {
+        self.update(|s| *s = status)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redacts_urls_and_key_values() {
+        let cases = [
+            ("redis://u:p@h:1/0", "redis://u:***@h:1/0"),
+            ("rediss://:p@h", "rediss://:***@h"),
+            ("redis://token@h", "redis://***@h"),
+            ("x redis://u:p@ss@h y", "x redis://u:***@h y"),
+            (
+                "a redis://h b redis://u:q@h2",
+                "a redis://h b redis://u:***@h2",
+            ),
+            ("PASSWORD = abc def", "PASSWORD = *** def"),
+            ("password: \"a b\" x", "password: \"***\" x"),
+            ("?password=abc&db=1", "?password=***&db=1"),
+            ("token=t1, secret=s2", "token=***, secret=***"),
+            ("no secrets here", "no secrets here"),
+            ("password", "password"),
+            ("password=", "password="),
+            ("ünïcödé password=x ü", "ünïcödé password=*** ü"),
+        ];
+        for (input, want) in cases {
+            assert_eq!(redact(input), want, "{input}");
+        }
+        // Idempotent.
+        for (input, _) in cases {
+            assert_eq!(redact(&redact(input)), redact(input));
+        }
+    }
+
+    #[test]
+    fn overall_follows_parts() {
+        let mut s = HealthStatus::from_config(&ReliabilityConfig::baseline());
+        assert_eq!(s.evaluate(), Overall::Healthy);
+        s.components.spool.active = SpoolBackend::Memory;
+        assert_eq!(s.evaluate(), Overall::Degraded);
+        assert!(s.is_live());
+        s.local.available = false;
+        assert_eq!(s.evaluate(), Overall::Unhealthy);
+    }
+}
