@@ -8,39 +8,6 @@
 //!
 //! Durability is [`Durability::Volatile`]: the records die with the process.
 //! Use the disk or Redis spool where that matters.
-//!
-//! ```
-//! use std::time::Duration;
-//! use reliability_core::{ManualClock, NewRecord, RecordId, Spool, SpoolLimits};
-//! use reliability_memory::MemorySpool;
-//!
-//! # #[tokio::main(flavor = "current_thread")]
-//! # async fn main() -> reliability_core::Result<()> {
-//! let clock = ManualClock::new();
-//! let spool = MemorySpool::builder()
-//!     .limits(SpoolLimits::default().with_max_records(1_000))
-//!     .clock(std::sync::Arc::new(clock.clone()))
-//!     .build();
-//!
-//! let id = RecordId::new("order-42")?;
-//! spool.enqueue(vec![NewRecord::new(id.clone(), "payload")]).await?;
-//!
-//! let leased = spool.lease(10, Duration::from_secs(30)).await?;
-//! assert_eq!(leased[0].record.id, id);
-//! assert_eq!(leased[0].record.attempts, 1);
-//!
-//! // The delivery failed: try again in a minute.
-//! let _ = spool.nack(&leased[0].token, Duration::from_secs(60)).await?;
-//! assert!(spool.lease(10, Duration::from_secs(30)).await?.is_empty());
-//!
-//! clock.advance(Duration::from_secs(60));
-//! let again = spool.lease(10, Duration::from_secs(30)).await?;
-//! assert_eq!(again[0].record.attempts, 2);
-//! spool.ack(&again[0].token).await?;
-//! assert_eq!(spool.stats().await?.depth(), 0);
-//! # Ok(())
-//! # }
-//! ```
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
@@ -65,6 +32,46 @@ const BACKEND: &str = "memory";
 /// schedules and the 7-day retention can be tested in milliseconds.
 /// Build one with [`MemorySpool::builder`], or [`MemorySpool::new`] for the
 /// defaults and the system clock.
+///
+/// Retention is checked when a record comes due (in `lease`) and on `nack`:
+/// a record past it moves to the dead-letter queue as
+/// [`DeadReason::Expired`] and counts in [`SpoolStats::expired_total`].
+/// [`redrive_dead`](Spool::redrive_dead) keeps a record's `enqueued_at`
+/// (retention counts from its first enqueue), so a redriven record that had
+/// expired expires again when next due.
+///
+/// ```
+/// use std::time::Duration;
+/// use reliability_core::{ManualClock, NewRecord, RecordId, Spool, SpoolLimits};
+/// use reliability_memory::MemorySpool;
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> reliability_core::Result<()> {
+/// let clock = ManualClock::new();
+/// let spool = MemorySpool::builder()
+///     .limits(SpoolLimits::default().with_max_records(1_000))
+///     .clock(std::sync::Arc::new(clock.clone()))
+///     .build();
+///
+/// let id = RecordId::new("order-42")?;
+/// spool.enqueue(vec![NewRecord::new(id.clone(), "payload")]).await?;
+///
+/// let leased = spool.lease(10, Duration::from_secs(30)).await?;
+/// assert_eq!(leased[0].record.id, id);
+/// assert_eq!(leased[0].record.attempts, 1);
+///
+/// // The delivery failed: try again in a minute.
+/// let _ = spool.nack(&leased[0].token, Duration::from_secs(60)).await?;
+/// assert!(spool.lease(10, Duration::from_secs(30)).await?.is_empty());
+///
+/// clock.advance(Duration::from_secs(60));
+/// let again = spool.lease(10, Duration::from_secs(30)).await?;
+/// assert_eq!(again[0].record.attempts, 2);
+/// spool.ack(&again[0].token).await?;
+/// assert_eq!(spool.stats().await?.depth(), 0);
+/// # Ok(())
+/// # }
+/// ```
 pub struct MemorySpool {
     limits: SpoolLimits,
     clock: SharedClock,
