@@ -1,10 +1,12 @@
 //! [`MemorySpool`]: the in-process store-and-forward queue.
 //!
 //! Everything lives under one mutex that is never held across an `.await`:
-//! a map of live records, an ordered index of when each becomes due (its
-//! delay, or the end of its lease, so an expired lease makes the record due
-//! again without any timer), and the dead-letter queue in the order records
-//! died. `lease` finds the due records in `O(log n)` each.
+//! a map of live records; an ordered index of when each waiting record
+//! becomes due (its delay, or the end of its lease, so an expired lease
+//! makes the record due again without any timer); the due records, oldest
+//! (`enqueued_at`, then enqueue order) first; and the dead-letter queue in the
+//! order records died. `lease` moves what came due from the first index to
+//! the second and takes the oldest, `O(log n)` per record.
 //!
 //! Durability is [`Durability::Volatile`]: the records die with the process.
 //! Use the disk or Redis spool where that matters.
@@ -166,12 +168,14 @@ struct Entry {
     due_at: Timestamp,
     /// The current lease and when it ends.
     lease: Option<(LeaseToken, Timestamp)>,
-    /// Tie-breaker among records due at the same time: enqueue order.
+    /// Tie-breaker among records of the same age: enqueue order.
     seq: u64,
+    /// Indexed in `State::ready` (found due), not `State::waiting`.
+    ready: bool,
 }
 
 impl Entry {
-    /// Where the entry sits in the due index: its lease end while leased
+    /// Where the entry sits in the waiting index: its lease end while leased
     /// (an expired lease makes it due again), else its due time.
     fn due_key(&self) -> Timestamp {
         self.lease.map_or(self.due_at, |(_, until)| until)
@@ -190,8 +194,10 @@ impl Entry {
 #[derive(Default)]
 struct State {
     live: HashMap<RecordId, Entry>,
-    /// `(due key, seq, id)` of every live record.
-    due: BTreeSet<(Timestamp, u64, RecordId)>,
+    /// `(due key, seq, id)` of live records not yet found due.
+    waiting: BTreeSet<(Timestamp, u64, RecordId)>,
+    /// `(enqueued_at, seq, id)` of live records found due: oldest first.
+    ready: BTreeSet<(Timestamp, u64, RecordId)>,
     /// Dead records by the order they died (their `seq` at death).
     dead: BTreeMap<u64, DeadRecord>,
     /// Ids of dead records, for duplicate detection.
@@ -220,16 +226,38 @@ impl State {
         (self.live.len() + self.dead.len()) as u64
     }
 
-    fn insert_live(&mut self, id: RecordId, entry: Entry) {
-        self.due.insert((entry.due_key(), entry.seq, id.clone()));
+    /// Stores a live record as waiting until its due key.
+    fn insert_live(&mut self, id: RecordId, mut entry: Entry) {
+        entry.ready = false;
+        self.waiting
+            .insert((entry.due_key(), entry.seq, id.clone()));
         self.live.insert(id, entry);
     }
 
-    /// Removes a live record from the map and the index.
+    /// Removes a live record from the map and its index.
     fn take_live(&mut self, id: &RecordId) -> Option<Entry> {
         let entry = self.live.remove(id)?;
-        self.due.remove(&(entry.due_key(), entry.seq, id.clone()));
+        if entry.ready {
+            self.ready
+                .remove(&(entry.enqueued_at, entry.seq, id.clone()));
+        } else {
+            self.waiting
+                .remove(&(entry.due_key(), entry.seq, id.clone()));
+        }
         Some(entry)
+    }
+
+    /// Moves every waiting record that is due at `now` to `ready`.
+    fn promote(&mut self, now: Timestamp) {
+        while self.waiting.first().is_some_and(|(due, _, _)| *due <= now) {
+            let Some((_, seq, id)) = self.waiting.pop_first() else {
+                break;
+            };
+            if let Some(entry) = self.live.get_mut(&id) {
+                entry.ready = true;
+                self.ready.insert((entry.enqueued_at, seq, id));
+            }
+        }
     }
 
     /// Checks that `token` still holds its record, and takes the record out
@@ -296,6 +324,7 @@ impl Spool for MemorySpool {
                 due_at: now.saturating_add(r.delay),
                 lease: None,
                 seq,
+                ready: false,
             };
             st.insert_live(r.id, entry);
         }
@@ -310,14 +339,9 @@ impl Spool for MemorySpool {
         let until = now.saturating_add(ttl);
         let mut st = self.state();
         let mut out = Vec::new();
+        st.promote(now);
         while out.len() < max {
-            let Some((key, _, _)) = st.due.first() else {
-                break;
-            };
-            if *key > now {
-                break;
-            }
-            let Some((_, _, id)) = st.due.pop_first() else {
+            let Some((_, _, id)) = st.ready.pop_first() else {
                 break;
             };
             let Some(mut entry) = st.live.remove(&id) else {
@@ -408,6 +432,7 @@ impl Spool for MemorySpool {
                 due_at: now,
                 lease: None,
                 seq,
+                ready: false,
             };
             st.insert_live(record.id, entry);
         }
@@ -603,6 +628,35 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn oldest_due_first() {
+        let (s, clock) = spool(SpoolLimits::default());
+        s.enqueue(vec![
+            NewRecord::new(id("a"), "x"),
+            NewRecord::new(id("b"), "x"),
+        ])
+        .await
+        .unwrap();
+        clock.advance(Duration::from_secs(1));
+        s.enqueue(vec![NewRecord::new(id("c"), "x")]).await.unwrap();
+        let a = s.lease(1, TTL).await.unwrap();
+        assert_eq!(ids(&a), ["a"]);
+        // a's lease ends after b and c came due: a is still the oldest.
+        clock.advance(TTL);
+        assert_eq!(ids(&s.lease(10, TTL).await.unwrap()), ["a", "b", "c"]);
+        // A record carried from another spool keeps its age.
+        let older = clock.now().saturating_sub(Duration::from_secs(3600));
+        s.enqueue(vec![
+            NewRecord::new(id("young"), "x"),
+            NewRecord::new(id("carried"), "x").with_history(2, older),
+        ])
+        .await
+        .unwrap();
+        let l = s.lease(10, TTL).await.unwrap();
+        assert_eq!(ids(&l), ["carried", "young"]);
+        assert_eq!(l[0].record.attempts, 3);
+    }
+
+    #[tokio::test]
     async fn owner_checks() {
         let (s, clock) = spool(SpoolLimits::default());
         s.enqueue(vec![
@@ -689,7 +743,7 @@ mod tests {
         // Carried history counts: "moved" is already past retention.
         let l = s.lease(1, TTL).await.unwrap();
         assert_eq!(ids(&l), ["old"]);
-        assert_eq!(s.stats().await.unwrap().expired_total, 0);
+        assert_eq!(s.stats().await.unwrap().expired_total, 1);
         let l2 = s.lease(1, TTL).await.unwrap();
         assert_eq!(ids(&l2), ["held"]);
         assert!(s.lease(1, TTL).await.unwrap().is_empty());
