@@ -10,7 +10,7 @@
 //!   profile: redis-enabled          # baseline | redis-enabled (default baseline)
 //!   idempotencyStore: redis         # memory | redis
 //!   rateLimiter: redis              # local | redis
-//!   spool: disk                     # none | redis | disk
+//!   spool: disk                     # none | redis | disk | memory
 //!   keyPrefix: gateway
 //!   namespace: webhooks
 //!   redis:
@@ -129,9 +129,9 @@ pub enum SpoolBackend {
     Redis,
     /// A spool in local files.
     Disk,
-    /// An in-process spool (volatile). Not a configuration choice: status
-    /// reports it when a spool answers from memory.
-    #[serde(skip_deserializing)]
+    /// An in-process spool: volatile, lost when the process stops. For
+    /// tests and development, or where losing the backlog on restart is
+    /// acceptable. Also what status reports when a spool answers from memory.
     Memory,
 }
 
@@ -191,8 +191,7 @@ impl SpoolBackend {
 /// assert_eq!(format!("{s:?} {s}"), "\"***\" ***");
 /// assert_eq!(s.expose(), "hunter2");
 /// ```
-#[derive(Clone, PartialEq, Eq, Deserialize)]
-#[serde(transparent)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct Secret(String);
 
 impl Secret {
@@ -225,6 +224,36 @@ impl fmt::Display for Secret {
     }
 }
 
+/// Accepts any scalar (a YAML `password: 12345` is a number) and never
+/// echoes the value in an error.
+impl<'de> Deserialize<'de> for Secret {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = Secret;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a password string")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> std::result::Result<Secret, E> {
+                Ok(Secret(v.to_string()))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> std::result::Result<Secret, E> {
+                Ok(Secret(v.to_string()))
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> std::result::Result<Secret, E> {
+                Ok(Secret(v.to_string()))
+            }
+            fn visit_f64<E: serde::de::Error>(self, v: f64) -> std::result::Result<Secret, E> {
+                Ok(Secret(v.to_string()))
+            }
+            fn visit_bool<E: serde::de::Error>(self, v: bool) -> std::result::Result<Secret, E> {
+                Ok(Secret(v.to_string()))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
 impl Serialize for Secret {
     fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
         s.serialize_str(REDACTED)
@@ -244,8 +273,7 @@ impl Serialize for Secret {
 /// assert_eq!(u.expose(), "redis://app:hunter2@10.0.0.5:6379/2");
 /// assert!(RedisUrl::new("http://10.0.0.5").is_err());
 /// ```
-#[derive(Clone, PartialEq, Eq, Deserialize)]
-#[serde(try_from = "String")]
+#[derive(Clone, PartialEq, Eq)]
 pub struct RedisUrl(String);
 
 impl RedisUrl {
@@ -291,6 +319,24 @@ impl TryFrom<String> for RedisUrl {
     }
 }
 
+/// Checks the URL inside the string visitor, so a YAML error names the
+/// field (serde_norway attaches the path to errors raised there).
+impl<'de> Deserialize<'de> for RedisUrl {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = RedisUrl;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a redis:// or rediss:// URL")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> std::result::Result<RedisUrl, E> {
+                RedisUrl::try_from(v.to_string()).map_err(E::custom)
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
 impl fmt::Debug for RedisUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "RedisUrl({:?})", self.redacted())
@@ -314,12 +360,17 @@ fn check_redis_url(url: &str) -> std::result::Result<(), String> {
         .strip_prefix("redis://")
         .or_else(|| url.strip_prefix("rediss://"))
         .ok_or_else(|| "must start with redis:// or rediss://".to_string())?;
-    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    let (authority, tail) = rest.split_at(end);
-    let host_port = match authority.rfind('@') {
-        Some(at) => &authority[at + 1..],
-        None => authority,
+    // The credentials end at the last '@' (a password may hold '/', '?' or
+    // '#' unencoded); the host ends at the next '/', '?' or '#'. Messages
+    // below never quote anything before that '@'.
+    let after_userinfo = match rest.rfind('@') {
+        Some(at) => &rest[at + 1..],
+        None => rest,
     };
+    let end = after_userinfo
+        .find(['/', '?', '#'])
+        .unwrap_or(after_userinfo.len());
+    let (host_port, tail) = after_userinfo.split_at(end);
     if host_port.chars().any(char::is_whitespace) {
         return Err("host must not contain whitespace".into());
     }
@@ -352,7 +403,7 @@ fn check_redis_url(url: &str) -> std::result::Result<(), String> {
     let path = tail.split(['?', '#']).next().unwrap_or("");
     let db = path.strip_prefix('/').unwrap_or(path);
     if !db.is_empty() && !db.bytes().all(|b| b.is_ascii_digit()) {
-        return Err(format!("path {path:?} must be empty or a database number"));
+        return Err("the path must be empty or a database number".into());
     }
     Ok(())
 }
@@ -475,7 +526,7 @@ pub mod duration {
         out
     }
 
-    /// Serializes with [`format`].
+    /// Serializes with [`format()`].
     ///
     /// # Errors
     /// Only those of the serializer.
@@ -488,8 +539,40 @@ pub mod duration {
     /// # Errors
     /// A custom serde error with [`parse`]'s message.
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        let s = String::deserialize(d)?;
-        parse(&s).map_err(serde::de::Error::custom)
+        // Parsing inside the visitor (not after) lets serde_norway attach
+        // the field's path and location to the error.
+        d.deserialize_str(Visitor)
+    }
+
+    struct Visitor;
+
+    impl serde::de::Visitor<'_> for Visitor {
+        type Value = Duration;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a duration such as 250ms, 30s or 1h30m")
+        }
+        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Duration, E> {
+            parse(v).map_err(E::custom)
+        }
+        fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Duration, E> {
+            Err(E::custom(format!(
+                "invalid duration {v}: missing unit (ns, us, ms, s, m, h, d)"
+            )))
+        }
+        fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Duration, E> {
+            Err(E::custom(format!(
+                "invalid duration {v}: missing unit (ns, us, ms, s, m, h, d)"
+            )))
+        }
+    }
+
+    /// One element of a list, deserialized with [`parse`].
+    struct Element(Duration);
+
+    impl<'de> Deserialize<'de> for Element {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            deserialize(d).map(Element)
+        }
     }
 
     /// The same for a list of durations (`[1m, 5m, 15m]`).
@@ -497,9 +580,9 @@ pub mod duration {
         use std::time::Duration;
 
         use serde::ser::SerializeSeq;
-        use serde::{Deserialize, Deserializer, Serializer};
+        use serde::{Deserializer, Serializer};
 
-        /// Serializes each element with [`format`](super::format).
+        /// Serializes each element with [`format()`](super::format()).
         ///
         /// # Errors
         /// Only those of the serializer.
@@ -511,18 +594,31 @@ pub mod duration {
             seq.end()
         }
 
-        /// Deserializes each element with [`parse`](super::parse).
+        /// Deserializes each element with [`parse()`](super::parse()).
         ///
         /// # Errors
-        /// A custom serde error naming the bad element.
+        /// A custom serde error at the bad element.
         pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Duration>, D::Error> {
-            let v = Vec::<String>::deserialize(d)?;
-            v.iter()
-                .enumerate()
-                .map(|(i, s)| {
-                    super::parse(s).map_err(|m| serde::de::Error::custom(format!("[{i}]: {m}")))
-                })
-                .collect()
+            d.deserialize_seq(SeqVisitor)
+        }
+
+        struct SeqVisitor;
+
+        impl<'de> serde::de::Visitor<'de> for SeqVisitor {
+            type Value = Vec<Duration>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a list of durations such as [1m, 5m, 1h]")
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Vec<Duration>, A::Error> {
+                let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0));
+                while let Some(super::Element(d)) = seq.next_element()? {
+                    out.push(d);
+                }
+                Ok(out)
+            }
         }
     }
 }
@@ -1092,9 +1188,6 @@ impl ReliabilityConfig {
         if baseline && self.spool_backend().is_redis() {
             p.push(c("spool", needs_redis("spool")));
         }
-        if self.spool == Some(SpoolBackend::Memory) {
-            p.push(c("spool", "must be one of none, redis, disk".into()));
-        }
 
         match &self.redis {
             None if !baseline => p.push(c(
@@ -1339,6 +1432,7 @@ mod tests {
             "redis://:p@h",
             "redis://[::1]:6379",
             "redis://h/3?protocol=resp3",
+            "redis://u:p/a?s#s@h:1/2",
         ] {
             assert!(RedisUrl::new(ok).is_ok(), "{ok}");
         }
