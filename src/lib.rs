@@ -13,6 +13,11 @@
 
 pub use reliability_core::*;
 
+mod build;
+pub mod config;
+
+pub use build::{Reliability, ReliabilityBuilder};
+
 /// In-process backends (feature `memory`).
 #[cfg(feature = "memory")]
 pub use reliability_memory as memory;

@@ -1,0 +1,220 @@
+//! [`Reliability`]: the three primitives built from a [`ReliabilityConfig`].
+
+use std::sync::Arc;
+
+use reliability_core::config::{
+    IdempotencyBackend, RateLimiterBackend, ReliabilityConfig, SpoolBackend,
+};
+use reliability_core::status::{HealthStatus, SpoolHealth, StatusHub};
+use reliability_core::{
+    system_clock, Error, IdempotencyStore, KeySpace, RateLimiter, Result, SharedClock, Spool,
+};
+
+/// The primitives a service uses, chosen by configuration: an idempotency
+/// store, a rate limiter, an optional spool, and the [`StatusHub`] that
+/// reports their health.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> reliability::Result<()> {
+/// use reliability::config::from_yaml_str;
+/// use reliability::{Overall, Reliability};
+///
+/// let cfg = from_yaml_str("reliability: { profile: baseline, spool: none }")?;
+/// let r = Reliability::from_config(&cfg).await?;
+/// assert!(r.spool().is_none());
+/// assert_eq!(r.status().current().overall, Overall::Healthy);
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Debug, Clone)]
+pub struct Reliability {
+    config: Arc<ReliabilityConfig>,
+    key_space: KeySpace,
+    idempotency: Arc<dyn IdempotencyStore>,
+    rate_limiter: Arc<dyn RateLimiter>,
+    spool: Option<Arc<dyn Spool>>,
+    status: StatusHub,
+}
+
+impl Reliability {
+    /// Validates `config` and builds every backend it asks for, with the
+    /// system clock.
+    ///
+    /// # Errors
+    /// [`Error::Config`] naming the bad field; [`Error::FeatureDisabled`]
+    /// when a backend's cargo feature is off (e.g. `spool: disk` without
+    /// feature `disk`).
+    pub async fn from_config(config: &ReliabilityConfig) -> Result<Self> {
+        Self::builder(config.clone()).build().await
+    }
+
+    /// A builder, to set a clock before building.
+    pub fn builder(config: ReliabilityConfig) -> ReliabilityBuilder {
+        ReliabilityBuilder {
+            config,
+            clock: None,
+        }
+    }
+
+    /// The idempotency store.
+    pub fn idempotency(&self) -> &Arc<dyn IdempotencyStore> {
+        &self.idempotency
+    }
+
+    /// The rate limiter.
+    pub fn rate_limiter(&self) -> &Arc<dyn RateLimiter> {
+        &self.rate_limiter
+    }
+
+    /// The spool; `None` with `spool: none`.
+    pub fn spool(&self) -> Option<&Arc<dyn Spool>> {
+        self.spool.as_ref()
+    }
+
+    /// The health status hub: [`StatusHub::current`] for a probe,
+    /// [`StatusHub::subscribe`] to react to changes.
+    pub fn status(&self) -> &StatusHub {
+        &self.status
+    }
+
+    /// The configuration it was built from (validated).
+    pub fn config(&self) -> &ReliabilityConfig {
+        &self.config
+    }
+
+    /// The validated `keyPrefix` / `namespace` pair.
+    pub fn key_space(&self) -> &KeySpace {
+        &self.key_space
+    }
+
+    /// Reads the spool's statistics into the status (depth, dead, alert).
+    /// Does nothing without a spool.
+    ///
+    /// # Errors
+    /// Those of [`Spool::stats`]; the status is left as it was.
+    pub async fn refresh_status(&self) -> Result<()> {
+        if let Some(spool) = &self.spool {
+            let stats = spool.stats().await?;
+            let health = SpoolHealth::from_stats(&stats, self.config.spool_limits.alert_depth);
+            self.status.update(|s| s.spool = Some(health));
+        }
+        Ok(())
+    }
+}
+
+/// Builds a [`Reliability`]; see [`Reliability::builder`].
+#[derive(Debug)]
+#[must_use]
+pub struct ReliabilityBuilder {
+    config: ReliabilityConfig,
+    clock: Option<SharedClock>,
+}
+
+impl ReliabilityBuilder {
+    /// The clock of the memory and disk backends (default: the system
+    /// clock). Tests pass a [`ManualClock`](reliability_core::ManualClock).
+    pub fn clock(mut self, clock: SharedClock) -> Self {
+        self.clock = Some(clock);
+        self
+    }
+
+    /// Validates the configuration and builds every backend.
+    ///
+    /// # Errors
+    /// See [`Reliability::from_config`].
+    pub async fn build(self) -> Result<Reliability> {
+        let config = self.config;
+        config.validate()?;
+        let key_space = KeySpace::new(config.key_prefix.clone(), config.namespace.clone())
+            .map_err(|e| Error::config("reliability.keyPrefix", e.to_string()))?;
+        let clock = self.clock.unwrap_or_else(system_clock);
+
+        let idempotency = idempotency_store(&config, &clock)?;
+        let rate_limiter = rate_limiter(&config, &clock)?;
+        let spool = spool(&config, &clock)?;
+        let status = StatusHub::new(HealthStatus::from_config(&config));
+        Ok(Reliability {
+            config: Arc::new(config),
+            key_space,
+            idempotency,
+            rate_limiter,
+            spool,
+            status,
+        })
+    }
+}
+
+fn disabled(field: &str, backend: &str, feature: &'static str) -> Error {
+    Error::FeatureDisabled {
+        field: format!("reliability.{field}"),
+        backend: backend.to_string(),
+        feature,
+    }
+}
+
+fn unsupported(field: &str, backend: &str) -> Error {
+    Error::config(
+        format!("reliability.{field}"),
+        format!("backend {backend} is not supported by this version of crate `reliability`"),
+    )
+}
+
+// The `redis` and `disk` features do not exist yet: their crates add an arm
+// (`#[cfg(feature = "redis")]`) to each function below when they land.
+
+fn idempotency_store(
+    config: &ReliabilityConfig,
+    clock: &SharedClock,
+) -> Result<Arc<dyn IdempotencyStore>> {
+    let _ = clock;
+    match config.idempotency_backend() {
+        #[cfg(feature = "memory")]
+        IdempotencyBackend::Memory => Ok(Arc::new(
+            reliability_memory::MemoryIdempotencyStore::builder()
+                .max_entries(config.memory.max_entries)
+                .clock(clock.clone())
+                .build(),
+        )),
+        #[cfg(not(feature = "memory"))]
+        IdempotencyBackend::Memory => Err(disabled("idempotencyStore", "memory", "memory")),
+        IdempotencyBackend::Redis => Err(disabled("idempotencyStore", "redis", "redis")),
+        other => Err(unsupported("idempotencyStore", other.as_str())),
+    }
+}
+
+fn rate_limiter(config: &ReliabilityConfig, clock: &SharedClock) -> Result<Arc<dyn RateLimiter>> {
+    let _ = clock;
+    match config.rate_limiter_backend() {
+        #[cfg(feature = "memory")]
+        RateLimiterBackend::Local => Ok(Arc::new(
+            reliability_memory::LocalRateLimiter::builder()
+                .max_keys(usize::try_from(config.memory.max_keys).unwrap_or(usize::MAX))
+                .clock(clock.clone())
+                .build(),
+        )),
+        #[cfg(not(feature = "memory"))]
+        RateLimiterBackend::Local => Err(disabled("rateLimiter", "local", "memory")),
+        RateLimiterBackend::Redis => Err(disabled("rateLimiter", "redis", "redis")),
+        other => Err(unsupported("rateLimiter", other.as_str())),
+    }
+}
+
+fn spool(config: &ReliabilityConfig, clock: &SharedClock) -> Result<Option<Arc<dyn Spool>>> {
+    let _ = clock;
+    match config.spool_backend() {
+        SpoolBackend::None => Ok(None),
+        SpoolBackend::Disk => Err(disabled("spool", "disk", "disk")),
+        SpoolBackend::Redis => Err(disabled("spool", "redis", "redis")),
+        #[cfg(feature = "memory")]
+        SpoolBackend::Memory => Ok(Some(Arc::new(
+            reliability_memory::MemorySpool::builder()
+                .limits(config.spool_limits.limits())
+                .clock(clock.clone())
+                .build(),
+        ))),
+        #[cfg(not(feature = "memory"))]
+        SpoolBackend::Memory => Err(disabled("spool", "memory", "memory")),
+        other => Err(unsupported("spool", other.as_str())),
+    }
+}
