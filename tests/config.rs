@@ -7,9 +7,12 @@ use reliability::config::{
     from_yaml_file, from_yaml_str, FsyncPolicy, IdempotencyBackend, Profile, RateLimitFallback,
     RateLimiterBackend, ReliabilityConfig, SpoolBackend,
 };
-use reliability::{Error, Reliability};
+use reliability::Error;
+#[cfg(feature = "memory")]
+use reliability::Reliability;
 
 /// What a case must fail with.
+#[cfg(feature = "memory")]
 #[derive(Debug)]
 enum Want {
     /// `Error::Config` naming this field.
@@ -22,11 +25,14 @@ const REDIS: &str = "profile: redis-enabled\n  redis: { url: redis://127.0.0.1:6
 
 /// Loads `yaml` and, if that succeeds, builds it: the error of the first
 /// step that fails.
+#[cfg(feature = "memory")]
 async fn load_and_build(yaml: &str) -> Result<Reliability, Error> {
     let cfg = from_yaml_str(yaml)?;
     Reliability::from_config(&cfg).await
 }
 
+// Builds baseline backends, so needs feature `memory` (a default).
+#[cfg(feature = "memory")]
 #[tokio::test]
 async fn invalid_configurations_name_the_field() {
     use Want::{Config, Feature};
@@ -485,6 +491,7 @@ fn indent(s: &str) -> String {
     s.lines().map(|l| format!("  {l}\n")).collect()
 }
 
+#[cfg(feature = "memory")]
 #[tokio::test]
 async fn baseline_builds_memory_backends() {
     let cfg = from_yaml_str("reliability: { spool: memory, memory: { maxEntries: 10 } }").unwrap();
@@ -509,4 +516,20 @@ async fn baseline_builds_memory_backends() {
     assert!(r.spool().is_none());
     assert!(r.status().current().spool.is_none());
     assert_eq!(r.config(), &ReliabilityConfig::baseline());
+}
+
+#[cfg(not(feature = "memory"))]
+#[tokio::test]
+async fn baseline_without_memory_feature_names_it() {
+    match reliability::Reliability::from_config(&ReliabilityConfig::baseline()).await {
+        Err(Error::FeatureDisabled {
+            field,
+            backend,
+            feature,
+        }) => {
+            assert_eq!(field, "reliability.idempotencyStore");
+            assert_eq!((backend.as_str(), feature), ("memory", "memory"));
+        }
+        other => panic!("{other:?}"),
+    }
 }
