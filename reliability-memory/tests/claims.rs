@@ -370,3 +370,35 @@ fn defaults_and_capabilities() {
     assert!(c.bounded && !c.distributed && !c.durable);
     assert!(format!("{s:?}").contains("MemoryIdempotencyStore"));
 }
+
+/// With a real-time clock moka also expires entries physically; completing
+/// must move that deadline to the retention (CONTRACT.md: the `Expiry` returns
+/// the new TTL on update), or the completed entry would vanish with the lease.
+#[tokio::test]
+async fn real_clock_complete_outlives_the_lease() {
+    let s = MemoryIdempotencyStore::new();
+    let short = Duration::from_millis(40);
+    let lease = s
+        .claim("rt", &fp("a"), short)
+        .await
+        .unwrap()
+        .into_lease()
+        .unwrap();
+    s.complete(&lease, Some("kept".into()), RETENTION)
+        .await
+        .unwrap();
+    let pending = s.claim("rt-pending", &fp("a"), short).await.unwrap();
+    assert!(matches!(pending, Claim::Acquired(_)));
+    // A negative check (nothing may expire early) needs real time to pass:
+    // wait well past the lease.
+    tokio::time::sleep(short * 4).await;
+    assert_eq!(
+        s.claim("rt", &fp("a"), LEASE).await.unwrap(),
+        Claim::Completed(Some(Bytes::from_static(b"kept")))
+    );
+    // The uncompleted claim did expire with its lease.
+    assert!(matches!(
+        s.claim("rt-pending", &fp("a"), LEASE).await.unwrap(),
+        Claim::Acquired(_)
+    ));
+}
