@@ -137,7 +137,9 @@ impl LocalRateLimiter {
     /// finds the eviction threshold with `select_nth_unstable`), one
     /// `retain`s the survivors.
     fn evict(&self, map: &mut Map, now: u64) {
-        let target = self.per_shard - self.per_shard / 8;
+        // Down to 7/8 of the share, and at least one slot free even for
+        // shares below 8.
+        let target = self.per_shard - (self.per_shard / 8).max(1);
         let mut active: Vec<u64> = map
             .values()
             .copied()
@@ -487,6 +489,26 @@ mod tests {
         hashes.sort_unstable();
         hashes.dedup();
         assert_eq!(hashes.len(), n);
+    }
+
+    #[test]
+    fn tiny_shares_stay_bounded() {
+        let clock = ManualClock::new();
+        for max_keys in 1..=9 {
+            let l = LocalRateLimiter::builder()
+                .max_keys(max_keys)
+                .shards(1)
+                .clock(Arc::new(clock.clone()))
+                .build();
+            let q = Quota::from_micros(1_000_000, 2).unwrap();
+            for i in 0..50 {
+                assert!(l.check_sync(&format!("k{i}"), q, 1).unwrap().is_allowed());
+                assert!(l.len() <= max_keys, "max_keys {max_keys}: {} keys", l.len());
+                clock.advance(Duration::from_micros(1));
+            }
+            // The newest key is always kept.
+            assert_eq!(l.check_sync("k49", q, 1).unwrap().remaining, 0);
+        }
     }
 
     #[test]
