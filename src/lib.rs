@@ -10,6 +10,7 @@
 //! |---|---|---|
 //! | `memory` | yes | `memory::{MemoryIdempotencyStore, LocalRateLimiter, MemorySpool}` |
 #![doc(test(attr(deny(warnings))))]
+#![cfg_attr(doctest, doc = include_str!("../README.md"))]
 
 pub use reliability_core::*;
 

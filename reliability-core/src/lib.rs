@@ -21,7 +21,7 @@
 //!
 //! | feature | default | what it adds |
 //! |---|---|---|
-//! | `testkit` | no | [`testkit`]: the conformance suite and the `*_suite!` macros |
+//! | `testkit` | no | `testkit`: the conformance suite and the `*_suite!` macros |
 #![doc(test(attr(deny(warnings))))]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
@@ -56,7 +56,10 @@ pub use spool::{
     Spool, SpoolLimits, SpoolStats, SpoolToken,
 };
 pub use status::{HealthStatus, Overall, StatusHub};
-pub use worker::{DeliveryWorker, WorkerConfig, WorkerHandle};
+pub use worker::{
+    BatchReport, DeliveryCounts, DeliveryError, DeliveryWorker, WorkerConfig, WorkerHandle,
+    WorkerTotals,
+};
 
 /// Re-exports for the `*_suite!` macros; not part of the public API.
 #[cfg(feature = "testkit")]

@@ -16,7 +16,7 @@
 //!    `IdempotencyFactory` / `RateLimiterFactory`; spools need a type (they
 //!    take limits and may be reopened). Each call must return a fresh,
 //!    empty backend whose logical time follows the given
-//!    [`ManualClock`](crate::ManualClock) and which uses the crate's default
+//!    [`ManualClock`] and which uses the crate's default
 //!    result and record size limits.
 //! 3. Invoke the macros in an integration test file:
 //!
@@ -43,7 +43,7 @@
 //! |---|---|
 //! | keys validated: non-empty, bounded, long ids hashed | `idempotency::keys_are_validated`, `rate_limit::keys_are_validated`, `spool::record_ids_and_sizes_are_validated` |
 //! | a denial, a duplicate, a full spool are answers | `rate_limit::burst_then_denied`, `idempotency::pending_claim_is_in_progress`, `spool::full_spool_answers_full_and_loses_nothing` |
-//! | time from the injectable clock | every time-based case runs on a [`ManualClock`](crate::ManualClock) |
+//! | time from the injectable clock | every time-based case runs on a [`ManualClock`] |
 //!
 //! Section 1 (IdempotencyStore):
 //!

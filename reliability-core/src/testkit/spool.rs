@@ -101,7 +101,9 @@ pub async fn delayed_records_are_not_due_early<F: SpoolFactory>(factory: &F) {
         vec![rec("later").with_delay(Duration::from_secs(60)), rec("now")],
     )
     .await;
-    assert_eq!(ids(&lease(&spool, 10).await), ["now"]);
+    let now = lease(&spool, 10).await;
+    assert_eq!(ids(&now), ["now"]);
+    spool.ack(&now[0].token).await.expect("ack");
     clock.advance(Duration::from_millis(59_999));
     assert!(lease(&spool, 10).await.is_empty());
     clock.advance(Duration::from_millis(1));
@@ -294,8 +296,14 @@ pub async fn retention_expiry_dead_letters<F: SpoolFactory>(factory: &F) {
     let clock = ManualClock::new();
     let limits = SpoolLimits::default().with_retention(Duration::from_secs(3600));
     let spool = factory.create(clock.clone(), limits).await;
-    enqueue(&spool, vec![rec("old"), rec("held")]).await;
-    let held = lease_one(&spool, "old").await;
+    enqueue(&spool, vec![rec("held"), rec("old")]).await;
+    // "held" stays leased (long lease) past retention; "old" stays ready.
+    let mut got = spool
+        .lease(1, Duration::from_secs(7200))
+        .await
+        .expect("lease");
+    assert_eq!(ids(&got), ["held"]);
+    let held = got.remove(0);
     clock.advance(Duration::from_secs(1800));
     enqueue(&spool, vec![rec("young")]).await;
     clock.advance(Duration::from_secs(1801));
