@@ -343,11 +343,11 @@ impl Default for MemoryIdempotencyStoreBuilder {
 }
 
 impl MemoryIdempotencyStoreBuilder {
-    /// The most entries the cache holds (default [`DEFAULT_MAX_ENTRIES`]).
-    /// At capacity moka may evict live entries; see
+    /// The most entries the cache holds (default [`DEFAULT_MAX_ENTRIES`], at
+    /// least 1). At capacity moka may evict live entries; see
     /// [`MemoryIdempotencyStore`]'s bounds.
     pub fn max_entries(mut self, n: u64) -> Self {
-        self.max_entries = n;
+        self.max_entries = n.max(1);
         self
     }
 
