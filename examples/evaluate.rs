@@ -350,12 +350,8 @@ async fn run(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
     for (k, v) in &rows {
         println!("  {k:<44} {v:>16}");
     }
-    println!("\nstatus:");
     let status = r.status().current();
-    let yaml = serde_norway::to_string(&status.document())?;
-    for line in yaml.lines() {
-        println!("  {line}");
-    }
+    println!("\n{}", serde_norway::to_string(&status.document())?);
     if lost > 0 {
         eprintln!("error: {lost} enqueued records were neither delivered, dead-lettered nor left in the spool");
     }
