@@ -9,6 +9,8 @@
 //! | feature | default | backends |
 //! |---|---|---|
 //! | `memory` | yes | `memory::{MemoryIdempotencyStore, LocalRateLimiter, MemorySpool}` |
+//! | `redis` | no | `redis::{RedisIdempotencyStore, RedisRateLimiter, RedisSpool}` |
+//! | `disk` | no | `disk::DiskSpool` |
 #![doc(test(attr(deny(warnings))))]
 #![cfg_attr(doctest, doc = include_str!("../README.md"))]
 
@@ -18,6 +20,14 @@ mod build;
 pub mod config;
 
 pub use build::{Reliability, ReliabilityBuilder};
+
+/// Redis backends (feature `redis`).
+#[cfg(feature = "redis")]
+pub use reliability_redis as redis;
+
+/// Durable disk spool (feature `disk`).
+#[cfg(feature = "disk")]
+pub use reliability_disk as disk;
 
 /// In-process backends (feature `memory`).
 #[cfg(feature = "memory")]

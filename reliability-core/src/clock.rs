@@ -101,6 +101,12 @@ impl Clock for SystemClock {
             .duration_since(UNIX_EPOCH)
             .map(duration_micros)
             .unwrap_or(0);
+        // Read first: the shared counter is written only when time moved on,
+        // so concurrent readers do not bounce its cache line on every call.
+        let prev = self.last.load(Ordering::Acquire);
+        if wall <= prev {
+            return Timestamp(prev);
+        }
         let prev = self.last.fetch_max(wall, Ordering::AcqRel);
         Timestamp(prev.max(wall))
     }

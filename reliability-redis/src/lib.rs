@@ -1,0 +1,2 @@
+//! Redis backends of the `reliability` crates (being written).
+#![doc(test(attr(deny(warnings))))]
