@@ -42,6 +42,19 @@ fn check_existing_key(c: &mut Criterion) {
     let mut g = c.benchmark_group("rate_limit_check");
     bench_check(&mut g, "local", LocalRateLimiter::new());
 
+    // The same limiter without the trait's boxed future: what the trait
+    // object costs on top.
+    let local = LocalRateLimiter::new();
+    let quota = Quota::from_micros(1, 1_000_000).expect("quota");
+    let ks = keys();
+    let mut j = 0usize;
+    g.bench_function("local_check_sync", |b| {
+        b.iter(|| {
+            j = (j + 1) % KEYS;
+            let _ = std::hint::black_box(local.check_sync(&ks[j], quota, 1));
+        })
+    });
+
     // The anchor: governor's keyed limiter (DashMap state, quanta clock).
     let quota = governor::Quota::with_period(Duration::from_micros(1))
         .expect("quota")
