@@ -81,34 +81,78 @@ pub trait Clock: Send + Sync + fmt::Debug + 'static {
     fn is_real_time(&self) -> bool;
 }
 
-/// The system clock: wall time, forced monotonic within the process (a step
-/// back of the system time holds the clock still instead of going back).
-#[derive(Debug, Default)]
+/// The system clock: wall time, read cheaply and never going backwards.
+///
+/// Reading `SystemTime` costs a clock syscall (about 60 ns on a VM), so this
+/// clock reads the CPU's time-stamp counter (through `quanta`, as governor
+/// does) and re-anchors it to the system time every
+/// [`RESYNC_INTERVAL`](Self::RESYNC_INTERVAL). A step back of the system
+/// time holds the clock still instead of going back.
+#[derive(Debug)]
 pub struct SystemClock {
+    mono: quanta::Clock,
+    start: quanta::Instant,
+    /// `wall - mono` at the last re-anchoring, in µs (wrapping).
+    offset: AtomicU64,
+    /// `mono` at the last re-anchoring, in µs.
+    synced_at: AtomicU64,
+    /// The last value returned.
     last: AtomicU64,
 }
 
 impl SystemClock {
+    /// How often the counter is re-anchored to the system time.
+    pub const RESYNC_INTERVAL: Duration = Duration::from_millis(100);
+
     /// A new system clock.
     pub fn new() -> Self {
-        Self::default()
+        let mono = quanta::Clock::new();
+        let start = mono.now();
+        let wall = wall_micros();
+        Self {
+            mono,
+            start,
+            offset: AtomicU64::new(wall),
+            synced_at: AtomicU64::new(0),
+            last: AtomicU64::new(wall),
+        }
     }
+}
+
+impl Default for SystemClock {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn wall_micros() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(duration_micros)
+        .unwrap_or(0)
 }
 
 impl Clock for SystemClock {
     fn now(&self) -> Timestamp {
-        let wall = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(duration_micros)
-            .unwrap_or(0);
+        let mono = duration_micros(self.mono.now().saturating_duration_since(self.start));
+        let since_sync = mono.saturating_sub(self.synced_at.load(Ordering::Relaxed));
+        let t = if since_sync >= duration_micros(Self::RESYNC_INTERVAL) {
+            let wall = wall_micros();
+            self.offset
+                .store(wall.wrapping_sub(mono), Ordering::Relaxed);
+            self.synced_at.store(mono, Ordering::Relaxed);
+            wall
+        } else {
+            mono.wrapping_add(self.offset.load(Ordering::Relaxed))
+        };
         // Read first: the shared counter is written only when time moved on,
         // so concurrent readers do not bounce its cache line on every call.
         let prev = self.last.load(Ordering::Acquire);
-        if wall <= prev {
+        if t <= prev {
             return Timestamp(prev);
         }
-        let prev = self.last.fetch_max(wall, Ordering::AcqRel);
-        Timestamp(prev.max(wall))
+        let prev = self.last.fetch_max(t, Ordering::AcqRel);
+        Timestamp(prev.max(t))
     }
 
     fn is_real_time(&self) -> bool {
@@ -174,6 +218,17 @@ pub fn system_clock() -> SharedClock {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn system_clock_follows_wall_time() {
+        let c = SystemClock::new();
+        for _ in 0..3 {
+            let ours = c.now().as_micros();
+            let wall = wall_micros();
+            assert!(ours.abs_diff(wall) < 50_000, "within 50 ms of SystemTime");
+            std::thread::yield_now();
+        }
+    }
 
     #[test]
     fn system_clock_never_goes_back() {
