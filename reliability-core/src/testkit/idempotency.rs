@@ -133,7 +133,7 @@ pub async fn other_fingerprint_is_mismatch<F: IdempotencyFactory>(factory: &F) {
 }
 
 /// A pending claim expires after its lease (crashed worker); the old lease
-/// is then lost.
+/// is lost at once, before anyone re-claims the key.
 pub async fn pending_claim_expires_after_lease<F: IdempotencyFactory>(factory: &F) {
     let clock = ManualClock::new();
     let store = factory.create(clock.clone()).await;
@@ -144,6 +144,15 @@ pub async fn pending_claim_expires_after_lease<F: IdempotencyFactory>(factory: &
         Claim::InProgress { .. }
     ));
     clock.advance(Duration::from_millis(2));
+    // Expired and not yet re-claimed: the lease is already lost.
+    assert!(matches!(
+        store.extend(&old, LEASE).await,
+        Err(Error::LeaseLost { .. })
+    ));
+    assert!(matches!(
+        store.complete(&old, None, RETENTION).await,
+        Err(Error::LeaseLost { .. })
+    ));
     let new = acquire(&store, "k", &fp("a"), LEASE).await;
     assert_ne!(old.token(), new.token());
     assert!(matches!(
