@@ -1,2 +1,78 @@
-//! Durable disk spool of the `reliability` crates (being written).
+//! Durable disk spool of the `reliability` crates: a segmented,
+//! CRC32C-checked, group-committed log.
+//!
+//! [`DiskSpool`] implements [`reliability_core::Spool`] on a directory:
+//!
+//! ```text
+//! dir/
+//!   LOCK                 held with an OS file lock (flock) while a spool is open
+//!   segments/00000001.log
+//!   segments/00000002.log  append-only segments, the last one is active
+//!   quarantine/          bad bytes and files moved aside, each with a .reason file
+//! ```
+//!
+//! # On-disk format
+//!
+//! A segment starts with a 16-byte header: the magic `RSPOOL01` (8 bytes),
+//! the format version (`u32` LE, 1) and the segment's number (`u32` LE, the
+//! same as its file name). Then frames follow back to back, each one state
+//! change: `[len u32][crc32c u32][kind u8][body]`, see [`codec`] for the
+//! kinds and their bodies. Opening the spool replays every segment in order
+//! to rebuild an index that holds, per record, its id, where its enqueue
+//! frame is (segment, offset, length), its state, due and lease times and
+//! attempts — never the payload. `lease` and `list_dead` read payloads back
+//! with positioned reads and check the frame's CRC again.
+//!
+//! # Durability
+//!
+//! One writer thread appends: concurrent calls queue their frames, the
+//! writer writes everything queued in one `write` and, in
+//! [`FsyncMode::Always`] (the default), one `fdatasync` (group commit).
+//!
+//! - `enqueue` returns once its frames are written and, per the mode, synced:
+//!   [`Durability::Synced`](reliability_core::Durability::Synced) (`Always`),
+//!   [`Durability::Periodic`](reliability_core::Durability::Periodic)
+//!   (`Interval`), [`Durability::Flushed`](reliability_core::Durability::Flushed)
+//!   (`Never`: survives a crash of the process, not of the machine).
+//!   [`Capabilities::durable`](reliability_core::Capabilities::durable) is
+//!   `true` in every mode: acknowledged records survive a restart of the
+//!   process (and, except with `Never`, of the machine within the interval).
+//! - `lease`, `ack`, `nack`, `extend`, `dead_letter`, `redrive_dead` and
+//!   `purge_dead` return once their frames are written (handed to the OS),
+//!   without waiting for a sync: a process crash keeps them, a power loss may
+//!   undo the last ones, which at worst delivers a record again
+//!   (at-least-once).
+//!
+//! # Compaction
+//!
+//! A sealed segment is deleted once it is the oldest one and every record
+//! enqueued in it is acked or purged — and only after the active segment
+//! (holding those acks) is synced; the directory is synced after the unlink.
+//! Records always live in the segment of their enqueue frame; later state
+//! changes only ever refer back to older segments, so deleting the oldest
+//! obsolete segment never changes what a replay rebuilds.
+//!
+//! # Corruption
+//!
+//! A bad checksum, a torn or zero-filled tail, a garbage file in `segments/`
+//! or a missing segment never stop `open`: the good records are kept, what
+//! is bad is copied to `quarantine/` with a reason file, counted in
+//! [`SpoolStats::quarantined_total`](reliability_core::SpoolStats::quarantined_total)
+//! and logged. A bad frame inside a segment is overwritten in place by a
+//! padding frame of the same size (after its bytes are in quarantine); a
+//! torn tail is truncated. A second open finds nothing left to quarantine.
+//! [`inspect`] reports what a directory holds without changing it;
+//! [`repair`] does the quarantining without opening a spool.
 #![doc(test(attr(deny(warnings))))]
+
+pub mod codec;
+mod fsck;
+mod spool;
+
+pub use fsck::{
+    inspect, repair, Finding, FindingKind, InspectReport, QuarantinedItem, RepairReport,
+    SegmentReport,
+};
+pub use spool::{
+    DiskSpool, DiskSpoolBuilder, DiskSpoolConfig, FsyncMode, DEFAULT_SEGMENT_MAX_BYTES,
+};
