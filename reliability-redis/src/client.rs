@@ -1,0 +1,687 @@
+//! [`RedisClient`]: one pooled connection to a standalone server, a
+//! Sentinel-managed master or a Redis Cluster, with every call bounded.
+//!
+//! The backends of this crate share one client. It is built from the
+//! configuration model's [`RedisConfig`] and a [`KeySpace`]:
+//!
+//! ```no_run
+//! # async fn demo() -> reliability_core::Result<()> {
+//! use reliability_core::config::{RedisConfig, RedisUrl};
+//! use reliability_core::KeySpace;
+//! use reliability_redis::RedisClient;
+//!
+//! let cfg = RedisConfig::standalone(RedisUrl::new("redis://127.0.0.1:6379/0")?);
+//! let client = RedisClient::connect(&cfg, KeySpace::new("gateway", "webhooks")?).await?;
+//! assert!(client.is_master().await?);
+//! # Ok(()) }
+//! ```
+//!
+//! # Deadlines
+//!
+//! Every call has two bounded parts: the checkout of a pooled connection
+//! (at most `poolTimeout` waiting for a free slot, `connectTimeout` to open
+//! a new connection) and the command itself (at most `responseTimeout`,
+//! enforced with a timer around the command in every mode, because the
+//! cluster client takes no response timeout from the pool). A call that
+//! runs out of time answers [`Error::Timeout`] or an *unavailable* error,
+//! never hangs.
+//!
+//! # Connections
+//!
+//! Connections are multiplexed: a call checks a connection out only for the
+//! instant it takes to clone its handle, so many concurrent calls pipeline
+//! over the `poolSize` connections. When a call fails in a way that means
+//! the connection is broken or points at the wrong server (I/O error,
+//! timeout, `READONLY` after a Sentinel failover, `MASTERDOWN`), every idle
+//! connection is dropped, so the next call connects afresh and, behind
+//! Sentinel, asks the sentinels for the current master (deadpool#372: a
+//! pool otherwise keeps writing to a demoted master).
+//!
+//! # Secrets
+//!
+//! `Debug` shows the mode, redacted addresses, database and timeouts; no
+//! password appears in `Debug`, errors or log events.
+
+use std::fmt;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use deadpool::managed::{Metrics, Pool, RecycleResult, Timeouts};
+use deadpool::Runtime;
+use deadpool_redis::redis::aio::{ConnectionLike, MultiplexedConnection};
+use deadpool_redis::redis::cluster::{ClusterClient, ClusterClientBuilder};
+use deadpool_redis::redis::cluster_async::ClusterConnection;
+use deadpool_redis::redis::sentinel::{SentinelClient, SentinelClientBuilder, SentinelServerType};
+use deadpool_redis::redis::{
+    self, AsyncConnectionConfig, Client, Cmd, IntoConnectionInfo, Pipeline, RedisError,
+    RedisFuture, RedisResult, Script, Value,
+};
+use reliability_core::config::{RedisConfig, RedisUrl};
+use reliability_core::{Error, KeySpace, Result, SharedClock};
+
+use crate::error::{self, Disposition};
+
+/// A pooled connection older than this without use is PINGed before reuse
+/// (standalone and Sentinel; the cluster client heals itself).
+const IDLE_CHECK: Duration = Duration::from_secs(5);
+
+/// Bounded retries of the cluster client (redirects, reconnects); the
+/// response timeout bounds the whole call anyway.
+const CLUSTER_RETRIES: u32 = 2;
+
+/// A pooled Redis client: standalone, Sentinel or Cluster.
+///
+/// Cheap to clone (one `Arc`); clones share the pool.
+#[derive(Clone)]
+pub struct RedisClient {
+    inner: Arc<Inner>,
+    clock_override: Option<SharedClock>,
+}
+
+struct Inner {
+    pool: Pool<Manager>,
+    key_space: KeySpace,
+    mode: Mode,
+    /// Redacted addresses, for `Debug` and messages.
+    targets: Vec<String>,
+    db: u32,
+    pool_timeout: Duration,
+    connect_timeout: Duration,
+    response_timeout: Duration,
+}
+
+/// How the client reaches Redis.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Mode {
+    /// One server.
+    Standalone,
+    /// The master of a Sentinel deployment.
+    Sentinel,
+    /// A Redis Cluster.
+    Cluster,
+}
+
+impl fmt::Debug for RedisClient {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let i = &self.inner;
+        let status = i.pool.status();
+        f.debug_struct("RedisClient")
+            .field("mode", &i.mode)
+            .field("targets", &i.targets)
+            .field("db", &i.db)
+            .field("key_space", &i.key_space)
+            .field("pool_size", &status.max_size)
+            .field("pool_idle", &status.available)
+            .field("pool_timeout", &i.pool_timeout)
+            .field("connect_timeout", &i.connect_timeout)
+            .field("response_timeout", &i.response_timeout)
+            .field("clock_override", &self.clock_override.is_some())
+            .finish()
+    }
+}
+
+impl RedisClient {
+    /// Builds the client and checks the server answers `PING`, so a wrong
+    /// address or a failed `AUTH` is reported at start.
+    ///
+    /// # Errors
+    /// [`Error::Config`] for a configuration this client cannot use;
+    /// unavailable errors when Redis cannot be reached; [`Error::Backend`]
+    /// ("authentication failed") for wrong credentials.
+    pub async fn connect(cfg: &RedisConfig, key_space: KeySpace) -> Result<Self> {
+        let client = Self::lazy(cfg, key_space)?;
+        client.ping().await?;
+        tracing::debug!(client = ?client, "redis: connected");
+        Ok(client)
+    }
+
+    /// Builds the client without touching the network: connections open on
+    /// first use. For hosts that must start while Redis is down.
+    ///
+    /// # Errors
+    /// [`Error::Config`] for a configuration this client cannot use (none
+    /// or several of url / sentinel / cluster, a URL redis-rs refuses, TLS
+    /// without the `tls` feature).
+    pub fn lazy(cfg: &RedisConfig, key_space: KeySpace) -> Result<Self> {
+        let (mode, manager, targets) = Manager::from_config(cfg)?;
+        let pool_size = usize::try_from(cfg.pool_size.max(1)).unwrap_or(usize::MAX);
+        let pool = Pool::builder(manager)
+            .max_size(pool_size)
+            .timeouts(Timeouts {
+                wait: Some(cfg.pool_timeout),
+                create: Some(cfg.connect_timeout),
+                recycle: Some(cfg.response_timeout),
+            })
+            .runtime(Runtime::Tokio1)
+            .build()
+            .map_err(|e| Error::config("reliability.redis", e.to_string()))?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                pool,
+                key_space,
+                mode,
+                targets,
+                db: cfg.db,
+                pool_timeout: cfg.pool_timeout,
+                connect_timeout: cfg.connect_timeout,
+                response_timeout: cfg.response_timeout,
+            }),
+            clock_override: None,
+        })
+    }
+
+    /// **Tests only.** The same client (sharing its pool) whose backends
+    /// pass `clock`'s time to their scripts instead of reading Redis
+    /// `TIME`, so a [`ManualClock`](reliability_core::ManualClock) drives
+    /// lease expiry and rate limits. Physical key expiry (`PEXPIRE`) then
+    /// gets a generous margin, because real time and the override diverge.
+    /// Never set this in production: replicas with different clocks would
+    /// disagree (spring-cloud-gateway#1688 let twice the burst through).
+    #[must_use]
+    pub fn with_clock_override(mut self, clock: SharedClock) -> Self {
+        self.clock_override = Some(clock);
+        self
+    }
+
+    /// The test clock override, if any (see
+    /// [`with_clock_override`](Self::with_clock_override)).
+    pub fn clock_override(&self) -> Option<&SharedClock> {
+        self.clock_override.as_ref()
+    }
+
+    /// The key space every key of this client's backends lives in.
+    pub fn key_space(&self) -> &KeySpace {
+        &self.inner.key_space
+    }
+
+    /// How the client reaches Redis.
+    pub fn mode(&self) -> Mode {
+        self.inner.mode
+    }
+
+    /// The bound of one command (the configured response timeout).
+    pub fn response_timeout(&self) -> Duration {
+        self.inner.response_timeout
+    }
+
+    /// The longest one call can take: checkout (pool wait, connect, idle
+    /// check) plus the command.
+    pub fn deadline(&self) -> Duration {
+        let i = &self.inner;
+        i.pool_timeout + i.connect_timeout + i.response_timeout * 2
+    }
+
+    /// Runs `script` with `keys` and `args`: `EVALSHA`, loading the script
+    /// on `NOSCRIPT`, within the deadline, errors mapped. In cluster mode
+    /// all keys must hash to one slot.
+    ///
+    /// # Errors
+    /// Unavailable errors and [`Error::Timeout`] when Redis cannot answer in
+    /// time; [`Error::WrongType`] when a key holds another type;
+    /// [`Error::Backend`] for a script error.
+    pub async fn invoke(
+        &self,
+        script: &Script,
+        keys: &[String],
+        args: &[Vec<u8>],
+    ) -> Result<Value> {
+        let mut inv = script.prepare_invoke();
+        for k in keys {
+            inv.key(k.as_str());
+        }
+        for a in args {
+            inv.arg(a.as_slice());
+        }
+        let context = keys.first().map_or("script", String::as_str);
+        let mut conn = self.checkout(context).await?;
+        self.finish(context, inv.invoke_async::<Value>(&mut conn))
+            .await
+    }
+
+    /// Runs one plain command within the deadline, errors mapped. In
+    /// cluster mode only single-key (or keyless) commands are routed.
+    ///
+    /// # Errors
+    /// As [`invoke`](Self::invoke).
+    pub async fn query(&self, cmd: &Cmd) -> Result<Value> {
+        let context = "command";
+        let mut conn = self.checkout(context).await?;
+        self.finish(context, cmd.query_async::<Value>(&mut conn))
+            .await
+    }
+
+    /// Runs `script` and then `WAIT replicas timeout` on the same
+    /// connection, so the `WAIT` covers the script's writes. Returns the
+    /// script's reply and the number of replicas that acknowledged. The
+    /// command part is bounded by `timeout` plus the response timeout.
+    ///
+    /// # Errors
+    /// As [`invoke`](Self::invoke).
+    pub async fn invoke_replicated(
+        &self,
+        script: &Script,
+        keys: &[String],
+        args: &[Vec<u8>],
+        replicas: u32,
+        timeout: Duration,
+    ) -> Result<(Value, u32)> {
+        let mut inv = script.prepare_invoke();
+        for k in keys {
+            inv.key(k.as_str());
+        }
+        for a in args {
+            inv.arg(a.as_slice());
+        }
+        let context = keys.first().map_or("script", String::as_str);
+        let mut conn = self.checkout(context).await?;
+        let value = self
+            .finish(context, inv.invoke_async::<Value>(&mut conn))
+            .await?;
+        let acked = self.wait_on(&mut conn, replicas, timeout).await?;
+        Ok((value, acked))
+    }
+
+    /// `WAIT replicas timeout` on one pooled connection: the number of
+    /// replicas that acknowledged the writes sent *over that connection*.
+    /// Connections are multiplexed and picked per call, so this is a
+    /// barrier for this client's earlier writes only when they travelled
+    /// on the same connection; [`invoke_replicated`](Self::invoke_replicated)
+    /// pairs a script with its `WAIT` and is the exact form. Not available
+    /// in cluster mode (answers 0).
+    ///
+    /// # Errors
+    /// As [`query`](Self::query).
+    pub async fn wait_replicas(&self, replicas: u32, timeout: Duration) -> Result<u32> {
+        let mut conn = self.checkout("WAIT").await?;
+        self.wait_on(&mut conn, replicas, timeout).await
+    }
+
+    async fn wait_on(&self, conn: &mut Conn, replicas: u32, timeout: Duration) -> Result<u32> {
+        if matches!(conn, Conn::Cluster(_)) || replicas == 0 {
+            return Ok(0);
+        }
+        let ms = u64::try_from(timeout.as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1);
+        let mut cmd = redis::cmd("WAIT");
+        cmd.arg(replicas).arg(ms);
+        let after = timeout + self.inner.response_timeout;
+        let value = match tokio::time::timeout(after, cmd.query_async::<Value>(conn)).await {
+            Ok(Ok(v)) => v,
+            Ok(Err(e)) => {
+                let (err, disposition) = error::map(&e, "WAIT");
+                return Err(self.dispose(err, disposition));
+            }
+            Err(_) => return Err(self.dispose(error::timeout(after), Disposition::Reconnect)),
+        };
+        match value {
+            Value::Int(n) => Ok(u32::try_from(n).unwrap_or(0)),
+            other => Err(error::unexpected("WAIT", other)),
+        }
+    }
+
+    /// `PING`: `Ok` when a server answers.
+    ///
+    /// # Errors
+    /// As [`query`](Self::query).
+    pub async fn ping(&self) -> Result<()> {
+        match self.query(&redis::cmd("PING")).await? {
+            Value::SimpleString(s) if s == "PONG" => Ok(()),
+            Value::BulkString(b) if b == b"PONG" => Ok(()),
+            other => Err(error::unexpected("PING", other)),
+        }
+    }
+
+    /// `ROLE` == master: the health probe behind Sentinel, where a pooled
+    /// connection may point at a demoted master. In cluster mode the
+    /// cluster client routes writes to masters itself, so this is a `PING`
+    /// that answers `true`.
+    ///
+    /// # Errors
+    /// As [`query`](Self::query).
+    pub async fn is_master(&self) -> Result<bool> {
+        if self.inner.mode == Mode::Cluster {
+            self.ping().await?;
+            return Ok(true);
+        }
+        match self.query(&redis::cmd("ROLE")).await? {
+            Value::Array(items) => match items.first() {
+                Some(Value::BulkString(b)) => Ok(b == b"master"),
+                Some(Value::SimpleString(s)) => Ok(s == "master"),
+                other => Err(error::unexpected("ROLE", other)),
+            },
+            other => Err(error::unexpected("ROLE", other)),
+        }
+    }
+
+    /// The server's clock (`TIME`) in microseconds since the epoch.
+    ///
+    /// # Errors
+    /// As [`query`](Self::query).
+    pub async fn server_time_us(&self) -> Result<u64> {
+        let v = self.query(&redis::cmd("TIME")).await?;
+        let parse = |v: &Value| -> Option<u64> {
+            match v {
+                Value::BulkString(b) => std::str::from_utf8(b).ok()?.parse().ok(),
+                Value::Int(i) => u64::try_from(*i).ok(),
+                _ => None,
+            }
+        };
+        match &v {
+            Value::Array(items) if items.len() == 2 => match (parse(&items[0]), parse(&items[1])) {
+                (Some(s), Some(us)) => Ok(s * 1_000_000 + us),
+                _ => Err(error::unexpected("TIME", &v)),
+            },
+            _ => Err(error::unexpected("TIME", &v)),
+        }
+    }
+
+    /// Checks a connection out for the instant it takes to clone its handle.
+    async fn checkout(&self, context: &str) -> Result<Conn> {
+        let i = &self.inner;
+        // The pool's own timeouts bound each phase; this timer is the belt.
+        let bound = i.pool_timeout + i.connect_timeout + i.response_timeout;
+        match tokio::time::timeout(bound, i.pool.get()).await {
+            Ok(Ok(obj)) => Ok((*obj).clone()),
+            Ok(Err(e)) => {
+                let (err, disposition) = error::pool(e, context);
+                Err(self.dispose(err, disposition))
+            }
+            Err(_) => Err(error::timeout(bound)),
+        }
+    }
+
+    /// Runs a command future under the response timeout and maps its error.
+    async fn finish<T>(
+        &self,
+        context: &str,
+        fut: impl Future<Output = RedisResult<T>>,
+    ) -> Result<T> {
+        let after = self.inner.response_timeout;
+        match tokio::time::timeout(after, fut).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => {
+                let (err, disposition) = error::map(&e, context);
+                Err(self.dispose(err, disposition))
+            }
+            Err(_) => {
+                // The connection may be stuck behind an unanswered reply.
+                Err(self.dispose(error::timeout(after), Disposition::Reconnect))
+            }
+        }
+    }
+
+    fn dispose(&self, err: Error, disposition: Disposition) -> Error {
+        if disposition == Disposition::Reconnect {
+            let dropped = self.inner.pool.retain(|_, _| false).removed.len();
+            tracing::warn!(
+                error = %err,
+                dropped_connections = dropped,
+                "redis: dropping pooled connections after an error"
+            );
+        }
+        err
+    }
+}
+
+/// A pooled connection: multiplexed (standalone, Sentinel) or cluster.
+#[derive(Clone)]
+enum Conn {
+    Single(MultiplexedConnection),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Conn::Single(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Conn::Single(c) => c.req_packed_commands(cmd, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(cmd, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Single(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+/// Creates connections for the pool; recycling is free for recently used
+/// connections (a broken one is found by its next call, which drops every
+/// idle connection).
+struct Manager {
+    kind: Kind,
+}
+
+enum Kind {
+    Standalone {
+        client: Client,
+        config: AsyncConnectionConfig,
+    },
+    Sentinel {
+        client: tokio::sync::Mutex<SentinelClient>,
+        config: AsyncConnectionConfig,
+    },
+    Cluster {
+        client: ClusterClient,
+    },
+}
+
+impl Manager {
+    fn from_config(cfg: &RedisConfig) -> Result<(Mode, Manager, Vec<String>)> {
+        let conn_config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(cfg.connect_timeout))
+            .set_response_timeout(Some(cfg.response_timeout));
+        let db = i64::from(cfg.db);
+        match (&cfg.url, &cfg.sentinel, &cfg.cluster) {
+            (Some(url), None, None) => {
+                let info = connection_info(url, "reliability.redis.url")?;
+                let mut settings = info.redis_settings().clone().set_db(db);
+                if let Some(u) = &cfg.username {
+                    settings = settings.set_username(u);
+                }
+                if let Some(p) = &cfg.password {
+                    settings = settings.set_password(p.expose());
+                }
+                let info = info.set_redis_settings(settings);
+                let client =
+                    Client::open(info).map_err(|e| config_error("reliability.redis.url", &e))?;
+                Ok((
+                    Mode::Standalone,
+                    Manager {
+                        kind: Kind::Standalone {
+                            client,
+                            config: conn_config,
+                        },
+                    },
+                    vec![url.redacted()],
+                ))
+            }
+            (None, Some(s), None) => {
+                let field = "reliability.redis.sentinel.urls";
+                if s.urls.is_empty() {
+                    return Err(Error::config(field, "must hold at least one sentinel"));
+                }
+                let mut addrs = Vec::with_capacity(s.urls.len());
+                let mut sentinel_auth: Option<(Option<String>, Option<String>)> = None;
+                for u in &s.urls {
+                    let info = connection_info(u, field)?;
+                    let r = info.redis_settings();
+                    if sentinel_auth.is_none() && (r.username().is_some() || r.password().is_some())
+                    {
+                        sentinel_auth = Some((
+                            r.username().map(str::to_string),
+                            r.password().map(str::to_string),
+                        ));
+                    }
+                    addrs.push(info.addr().clone());
+                }
+                let mut b = SentinelClientBuilder::new(
+                    addrs,
+                    s.master_name.clone(),
+                    SentinelServerType::Master,
+                )
+                .map_err(|e| config_error(field, &e))?
+                .set_client_to_redis_db(db);
+                if let Some(u) = &cfg.username {
+                    b = b.set_client_to_redis_username(u);
+                }
+                if let Some(p) = &cfg.password {
+                    b = b.set_client_to_redis_password(p.expose());
+                }
+                if let Some((user, pass)) = sentinel_auth {
+                    if let Some(u) = user {
+                        b = b.set_client_to_sentinel_username(u);
+                    }
+                    if let Some(p) = pass {
+                        b = b.set_client_to_sentinel_password(p);
+                    }
+                }
+                let client = b.build().map_err(|e| config_error(field, &e))?;
+                Ok((
+                    Mode::Sentinel,
+                    Manager {
+                        kind: Kind::Sentinel {
+                            client: tokio::sync::Mutex::new(client),
+                            config: conn_config,
+                        },
+                    },
+                    s.urls.iter().map(RedisUrl::redacted).collect(),
+                ))
+            }
+            (None, None, Some(c)) => {
+                let field = "reliability.redis.cluster.urls";
+                if c.urls.is_empty() {
+                    return Err(Error::config(field, "must hold at least one node"));
+                }
+                if cfg.db != 0 {
+                    return Err(Error::config(
+                        "reliability.redis.db",
+                        "must be 0 for a cluster",
+                    ));
+                }
+                let infos = c
+                    .urls
+                    .iter()
+                    .map(|u| connection_info(u, field))
+                    .collect::<Result<Vec<_>>>()?;
+                let mut b = ClusterClientBuilder::new(infos)
+                    .connection_timeout(cfg.connect_timeout)
+                    .response_timeout(cfg.response_timeout)
+                    .retries(CLUSTER_RETRIES);
+                if let Some(u) = &cfg.username {
+                    b = b.username(u);
+                }
+                if let Some(p) = &cfg.password {
+                    b = b.password(p.expose());
+                }
+                let client = b.build().map_err(|e| config_error(field, &e))?;
+                Ok((
+                    Mode::Cluster,
+                    Manager {
+                        kind: Kind::Cluster { client },
+                    },
+                    c.urls.iter().map(RedisUrl::redacted).collect(),
+                ))
+            }
+            _ => Err(Error::config(
+                "reliability.redis",
+                "set exactly one of url, sentinel, cluster",
+            )),
+        }
+    }
+}
+
+fn connection_info(url: &RedisUrl, field: &str) -> Result<redis::ConnectionInfo> {
+    url.expose()
+        .into_connection_info()
+        .map_err(|e| config_error(field, &e))
+}
+
+fn config_error(field: &str, e: &RedisError) -> Error {
+    Error::config(field, reliability_core::status::redact(&e.to_string()))
+}
+
+impl deadpool::managed::Manager for Manager {
+    type Type = Conn;
+    type Error = RedisError;
+
+    async fn create(&self) -> RedisResult<Conn> {
+        match &self.kind {
+            Kind::Standalone { client, config } => client
+                .get_multiplexed_async_connection_with_config(config)
+                .await
+                .map(Conn::Single),
+            Kind::Sentinel { client, config } => {
+                let mut client = client.lock().await;
+                client
+                    .get_async_connection_with_config(config)
+                    .await
+                    .map(Conn::Single)
+            }
+            Kind::Cluster { client } => client.get_async_connection().await.map(Conn::Cluster),
+        }
+    }
+
+    async fn recycle(&self, conn: &mut Conn, metrics: &Metrics) -> RecycleResult<RedisError> {
+        if matches!(conn, Conn::Cluster(_)) || metrics.last_used() < IDLE_CHECK {
+            return Ok(());
+        }
+        let pong: String = redis::cmd("PING").query_async(conn).await?;
+        if pong == "PONG" {
+            Ok(())
+        } else {
+            Err(deadpool::managed::RecycleError::message(
+                "unexpected PING reply",
+            ))
+        }
+    }
+}
+
+impl fmt::Debug for Manager {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let kind = match self.kind {
+            Kind::Standalone { .. } => "standalone",
+            Kind::Sentinel { .. } => "sentinel",
+            Kind::Cluster { .. } => "cluster",
+        };
+        f.debug_struct("Manager").field("kind", &kind).finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use reliability_core::config::Secret;
+
+    #[test]
+    fn debug_hides_the_password() {
+        let mut cfg =
+            RedisConfig::standalone(RedisUrl::new("redis://app:hunter2@127.0.0.1:1/0").unwrap());
+        cfg.password = Some(Secret::new("s3cret-pass"));
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let _g = rt.enter();
+        let c = RedisClient::lazy(&cfg, KeySpace::new("p", "n").unwrap()).unwrap();
+        let dbg = format!("{c:?}");
+        assert!(!dbg.contains("hunter2") && !dbg.contains("s3cret"), "{dbg}");
+        assert!(dbg.contains("127.0.0.1"), "{dbg}");
+    }
+}

@@ -1,0 +1,182 @@
+//! Redis errors mapped once onto [`reliability_core::Error`].
+//!
+//! The one question every mapping answers: may another backend answer this
+//! call instead? Connection, timeout, pool, `READONLY`, `MASTERDOWN`,
+//! `LOADING` and cluster-state errors are *unavailable*; `WRONGTYPE`, failed
+//! authentication, script and command errors are not. Every message goes
+//! through [`redact`] so no credential ever reaches an error, a log line or
+//! the status.
+
+use std::time::Duration;
+
+use deadpool_redis::redis::{ErrorKind, RedisError, ServerErrorKind};
+use reliability_core::status::redact;
+use reliability_core::{Error, UnavailableReason};
+
+/// The backend name in every error.
+pub(crate) const BACKEND: &str = "redis";
+
+/// What the client should do with its pooled connections after an error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Disposition {
+    /// Keep them: the server answered (a caller or script error).
+    Keep,
+    /// Drop idle connections: the connection broke, or the server is a
+    /// replica now (`READONLY` after a failover), so new connections must
+    /// find the current master.
+    Reconnect,
+}
+
+/// Maps a redis-rs error; `context` names the operation (never a secret).
+pub(crate) fn map(err: &RedisError, context: &str) -> (Error, Disposition) {
+    let message = redact(&format!("{context}: {err}"));
+    let code = err.code().map(str::to_ascii_uppercase);
+    let unavailable = |reason, disposition| {
+        (
+            Error::Unavailable {
+                backend: BACKEND,
+                reason,
+                message: message.clone(),
+                source: None,
+            },
+            disposition,
+        )
+    };
+    match code.as_deref() {
+        Some("WRONGTYPE") => {
+            return (
+                Error::WrongType {
+                    backend: BACKEND,
+                    key: context.to_string(),
+                },
+                Disposition::Keep,
+            )
+        }
+        Some("NOAUTH" | "WRONGPASS") => return (auth_failed(&message), Disposition::Reconnect),
+        Some("READONLY") => {
+            return unavailable(UnavailableReason::ReadOnly, Disposition::Reconnect)
+        }
+        Some("MASTERDOWN") => {
+            return unavailable(UnavailableReason::MasterDown, Disposition::Reconnect)
+        }
+        Some("LOADING") => return unavailable(UnavailableReason::Loading, Disposition::Keep),
+        Some("CLUSTERDOWN" | "TRYAGAIN" | "MOVED" | "ASK") => {
+            return unavailable(UnavailableReason::ClusterDown, Disposition::Keep)
+        }
+        _ => {}
+    }
+    match err.kind() {
+        ErrorKind::AuthenticationFailed => (auth_failed(&message), Disposition::Reconnect),
+        ErrorKind::Server(ServerErrorKind::ReadOnly) => {
+            unavailable(UnavailableReason::ReadOnly, Disposition::Reconnect)
+        }
+        ErrorKind::Server(ServerErrorKind::MasterDown) => {
+            unavailable(UnavailableReason::MasterDown, Disposition::Reconnect)
+        }
+        ErrorKind::Server(ServerErrorKind::BusyLoading) => {
+            unavailable(UnavailableReason::Loading, Disposition::Keep)
+        }
+        ErrorKind::Server(
+            ServerErrorKind::ClusterDown
+            | ServerErrorKind::TryAgain
+            | ServerErrorKind::Moved
+            | ServerErrorKind::Ask,
+        )
+        | ErrorKind::ClusterConnectionNotFound => {
+            unavailable(UnavailableReason::ClusterDown, Disposition::Reconnect)
+        }
+        ErrorKind::MasterNameNotFoundBySentinel | ErrorKind::NoValidReplicasFoundBySentinel => {
+            unavailable(UnavailableReason::MasterDown, Disposition::Reconnect)
+        }
+        _ if err.is_timeout() => unavailable(UnavailableReason::Timeout, Disposition::Reconnect),
+        _ if err.is_io_error()
+            || err.is_connection_refusal()
+            || err.is_connection_dropped()
+            || err.is_unrecoverable_error() =>
+        {
+            unavailable(UnavailableReason::Connection, Disposition::Reconnect)
+        }
+        _ => (
+            Error::Backend {
+                backend: BACKEND,
+                message,
+                source: None,
+            },
+            Disposition::Keep,
+        ),
+    }
+}
+
+fn auth_failed(message: &str) -> Error {
+    Error::Backend {
+        backend: BACKEND,
+        message: format!(
+            "authentication failed (check reliability.redis.username / password): {message}"
+        ),
+        source: None,
+    }
+}
+
+/// A pool error: waiting for, creating or recycling a connection.
+pub(crate) fn pool(
+    err: deadpool::managed::PoolError<RedisError>,
+    context: &str,
+) -> (Error, Disposition) {
+    use deadpool::managed::{PoolError, TimeoutType};
+    match err {
+        PoolError::Backend(e) => map(&e, context),
+        PoolError::Timeout(TimeoutType::Wait) => (
+            Error::unavailable(
+                BACKEND,
+                UnavailableReason::PoolExhausted,
+                format!("{context}: no pooled connection within the pool timeout"),
+            ),
+            Disposition::Keep,
+        ),
+        PoolError::Timeout(TimeoutType::Create) => (
+            Error::unavailable(
+                BACKEND,
+                UnavailableReason::Timeout,
+                format!("{context}: no connection within the connect timeout"),
+            ),
+            Disposition::Keep,
+        ),
+        PoolError::Timeout(TimeoutType::Recycle) => (
+            Error::unavailable(
+                BACKEND,
+                UnavailableReason::Timeout,
+                format!("{context}: a pooled connection did not answer PING in time"),
+            ),
+            Disposition::Reconnect,
+        ),
+        PoolError::Closed => (
+            Error::unavailable(BACKEND, UnavailableReason::Closed, "the pool is closed"),
+            Disposition::Keep,
+        ),
+        other => (
+            Error::unavailable(
+                BACKEND,
+                UnavailableReason::Other,
+                redact(&format!("{context}: {other}")),
+            ),
+            Disposition::Keep,
+        ),
+    }
+}
+
+/// The call's deadline passed.
+pub(crate) fn timeout(after: Duration) -> Error {
+    Error::Timeout {
+        backend: BACKEND,
+        after,
+    }
+}
+
+/// A reply of an unexpected shape (a bug, or another program's data).
+pub(crate) fn unexpected(context: &str, what: impl std::fmt::Debug) -> Error {
+    Error::Backend {
+        backend: BACKEND,
+        message: redact(&format!("{context}: unexpected reply {what:?}")),
+        source: None,
+    }
+}
