@@ -1,0 +1,421 @@
+//! Crash oracle: a child process writes to a [`DiskSpool`] and is killed
+//! with SIGKILL at random moments; after each kill the parent reopens the
+//! same directory and checks that nothing acknowledged was lost.
+//!
+//! The test binary runs itself as the child (`current_exe()` with
+//! `RELIABILITY_CRASH_CHILD=<dir>` and `--exact crash_child`). The child
+//! opens the spool in `FsyncMode::Always` and runs several producer tasks
+//! that enqueue batches of records and print `@@E <id>` for every record of
+//! a batch once `enqueue` returned. In two cycles out of three a consumer
+//! task also leases records, checks their payloads, acks most of them
+//! (printing `@@A <id>` once `ack` returned) and nacks the rest, so kills
+//! land in the middle of leases, acks and nacks as well as enqueues. Every
+//! payload is derived from its id, so a payload can be checked anywhere.
+//!
+//! The parent kills the child after a random number of printed lines (0
+//! included: a kill while the spool is opening), reopens the spool, leases
+//! everything and checks, with `must` = every id printed as enqueued or
+//! seen present at an earlier check, minus the ids a consumer acked since:
+//! - every id in `must` is present (0 lost);
+//! - every present record has an id of the child's form and an intact
+//!   payload (never an id that was not enqueued);
+//! - an acked id may come back (at-least-once; counted as a duplicate), and
+//!   an id enqueued but killed before it was printed may appear (counted as
+//!   an unacknowledged extra; from then on it must stay).
+//!
+//! Then it nacks everything back to ready, closes the spool and starts the
+//! next child on the same directory. `CRASH_CYCLES=N` sets the number of
+//! cycles (default 50), `CRASH_SEED=N` the random seed (printed on failure).
+//!
+//! The child exits by itself when its standard input closes (the parent
+//! died) or after 60 seconds, so no process outlives the test.
+
+use std::collections::BTreeSet;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use reliability_core::{NewRecord, RecordId, Spool, SpoolLimits};
+use reliability_disk::{DiskSpool, FsyncMode};
+
+const CHILD_ENV: &str = "RELIABILITY_CRASH_CHILD";
+const CYCLE_ENV: &str = "RELIABILITY_CRASH_CYCLE";
+const PRODUCERS: usize = 6;
+/// Largest number of printed lines after which the parent kills the child.
+const MAX_LINES_BEFORE_KILL: u64 = 400;
+
+fn limits() -> SpoolLimits {
+    SpoolLimits::default()
+        .with_max_records(u64::MAX / 4)
+        .with_max_bytes(u64::MAX / 4)
+}
+
+/// The payload of `id`: its bytes repeated to a length between 16 and 527
+/// bytes that depends on the id.
+fn payload_of(id: &str) -> Bytes {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in id.bytes() {
+        h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+    }
+    let len = 16 + (h % 512) as usize;
+    Bytes::from(id.bytes().cycle().take(len).collect::<Vec<u8>>())
+}
+
+/// Whether `id` has the form the child gives its ids: `c<cycle>-p<task>-<n>`.
+fn child_id(id: &str) -> bool {
+    let parts: Vec<&str> = id.split('-').collect();
+    parts.len() == 3
+        && parts[0]
+            .strip_prefix('c')
+            .is_some_and(|c| c.parse::<u64>().is_ok())
+        && parts[1]
+            .strip_prefix('p')
+            .is_some_and(|p| p.parse::<u64>().is_ok())
+        && parts[2].parse::<u64>().is_ok()
+}
+
+/// splitmix64: a small seeded generator (no dependency needed).
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Child
+
+/// Prints one line and flushes it, under a lock so lines never interleave.
+fn say(out: &Mutex<()>, tag: char, id: &str) {
+    let _guard = out
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let mut stdout = std::io::stdout().lock();
+    // A closed pipe means the parent is gone: stop.
+    if writeln!(stdout, "@@{tag} {id}")
+        .and_then(|()| stdout.flush())
+        .is_err()
+    {
+        std::process::exit(0);
+    }
+}
+
+async fn child_main(dir: &Path, cycle: u64) {
+    let spool = Arc::new(
+        DiskSpool::builder(dir)
+            .limits(limits())
+            .fsync(FsyncMode::Always)
+            .open()
+            .await
+            .expect("child: open"),
+    );
+    let out = Arc::new(Mutex::new(()));
+    let mut tasks = tokio::task::JoinSet::new();
+    for p in 0..PRODUCERS {
+        let (spool, out) = (spool.clone(), out.clone());
+        tasks.spawn(async move {
+            let mut rng = Rng(cycle << 8 | p as u64);
+            let mut n = 0u64;
+            loop {
+                let size = 1 + rng.below(8);
+                let ids: Vec<String> = (0..size)
+                    .map(|i| format!("c{cycle}-p{p}-{}", n + i))
+                    .collect();
+                n += size;
+                let batch = ids
+                    .iter()
+                    .map(|id| {
+                        NewRecord::new(RecordId::new(id.clone()).expect("id"), payload_of(id))
+                    })
+                    .collect();
+                spool.enqueue(batch).await.expect("child: enqueue");
+                for id in &ids {
+                    say(&out, 'E', id);
+                }
+            }
+        });
+    }
+    if cycle % 3 != 0 {
+        let (spool, out) = (spool.clone(), out.clone());
+        tasks.spawn(async move {
+            let mut rng = Rng(!cycle);
+            loop {
+                let got = spool
+                    .lease(1 + rng.below(16) as usize, Duration::from_secs(30))
+                    .await
+                    .expect("child: lease");
+                if got.is_empty() {
+                    tokio::task::yield_now().await;
+                    continue;
+                }
+                for l in got {
+                    let id = l.record.id.as_str();
+                    assert_eq!(l.record.payload, payload_of(id), "child: payload of {id}");
+                    if rng.below(8) == 0 {
+                        let _ = spool
+                            .nack(&l.token, Duration::ZERO)
+                            .await
+                            .expect("child: nack");
+                    } else {
+                        spool.ack(&l.token).await.expect("child: ack");
+                        say(&out, 'A', id);
+                    }
+                }
+            }
+        });
+    }
+    if let Some(done) = tasks.join_next().await {
+        done.expect("child task");
+    }
+}
+
+/// The child's entry point; a no-op unless the parent started this process.
+#[test]
+fn crash_child() {
+    let Ok(dir) = std::env::var(CHILD_ENV) else {
+        return;
+    };
+    let cycle: u64 = std::env::var(CYCLE_ENV)
+        .ok()
+        .and_then(|c| c.parse().ok())
+        .expect("cycle");
+    // Exit when the parent goes away (its end of our stdin closes), or
+    // after a minute whatever happens.
+    std::thread::spawn(|| {
+        let mut buf = [0u8; 64];
+        while matches!(std::io::stdin().read(&mut buf), Ok(n) if n > 0) {}
+        std::process::exit(0);
+    });
+    std::thread::spawn(|| {
+        std::thread::park_timeout(Duration::from_secs(60));
+        std::process::exit(0);
+    });
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(child_main(Path::new(&dir), cycle));
+}
+
+// ---------------------------------------------------------------------------
+// Parent
+
+/// Kills the child if the parent unwinds before it did.
+struct Reaper(Option<Child>);
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        if let Some(child) = self.0.as_mut() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+#[derive(Default, Debug)]
+struct Tally {
+    enqueued_acked: u64,
+    consumer_acked: u64,
+    duplicates: u64,
+    extras: u64,
+    quarantined: u64,
+    max_present: usize,
+}
+
+/// One child run: start it, kill it after `kill_after` lines, return the
+/// lines it printed.
+fn run_child(dir: &Path, cycle: u64, kill_after: u64) -> (Vec<String>, Vec<String>) {
+    let mut child = Command::new(std::env::current_exe().expect("current_exe"))
+        .args(["--exact", "crash_child", "--nocapture", "--test-threads=1"])
+        .env(CHILD_ENV, dir)
+        .env(CYCLE_ENV, cycle.to_string())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn the child");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut reaper = Reaper(Some(child));
+    let (tx, rx) = mpsc::channel::<String>();
+    let reader = std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if line.starts_with("@@") && tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut lines = Vec::new();
+    while (lines.len() as u64) < kill_after {
+        match rx.recv() {
+            Ok(line) => lines.push(line),
+            Err(_) => panic!("cycle {cycle}: the child exited before it was killed"),
+        }
+    }
+    let mut child = reaper.0.take().expect("child");
+    child.kill().expect("kill -9 the child");
+    child.wait().expect("reap the child");
+    reader.join().expect("reader thread");
+    lines.extend(rx.try_iter());
+    let (mut enq, mut acked) = (Vec::new(), Vec::new());
+    for line in lines {
+        match line.split_once(' ') {
+            Some(("@@E", id)) => enq.push(id.to_string()),
+            Some(("@@A", id)) => acked.push(id.to_string()),
+            _ => panic!("cycle {cycle}: unexpected line {line:?}"),
+        }
+    }
+    (enq, acked)
+}
+
+/// Opens the spool after a kill, checks it against `must`, puts every
+/// record back to ready and closes it. Returns the ids present.
+async fn check_after_kill(
+    dir: &Path,
+    cycle: u64,
+    must: &BTreeSet<String>,
+    acked_ever: &BTreeSet<String>,
+    tally: &mut Tally,
+) -> BTreeSet<String> {
+    let spool = Arc::new(
+        DiskSpool::builder(dir)
+            .limits(limits())
+            .fsync(FsyncMode::Never)
+            .open()
+            .await
+            .unwrap_or_else(|e| panic!("cycle {cycle}: reopen after kill -9: {e}")),
+    );
+    let stats = spool.stats().await.expect("stats");
+    tally.quarantined += stats.quarantined_total;
+    assert_eq!(
+        stats.dead, 0,
+        "cycle {cycle}: nothing is dead-lettered here"
+    );
+    let leased = spool
+        .lease(usize::MAX, Duration::from_secs(3600))
+        .await
+        .expect("lease everything");
+    let mut present = BTreeSet::new();
+    for l in &leased {
+        let id = l.record.id.as_str();
+        assert!(
+            child_id(id),
+            "cycle {cycle}: record {id:?} was never enqueued"
+        );
+        assert_eq!(
+            l.record.payload,
+            payload_of(id),
+            "cycle {cycle}: payload of {id} damaged"
+        );
+        assert!(
+            present.insert(id.to_string()),
+            "cycle {cycle}: {id} leased twice"
+        );
+        if !must.contains(id) {
+            if acked_ever.contains(id) {
+                tally.duplicates += 1;
+            } else {
+                tally.extras += 1;
+            }
+        }
+    }
+    let lost: Vec<&String> = must.difference(&present).collect();
+    assert!(
+        lost.is_empty(),
+        "cycle {cycle}: {} acknowledged records lost, e.g. {:?}",
+        lost.len(),
+        &lost[..lost.len().min(10)]
+    );
+    assert_eq!(
+        stats.depth(),
+        present.len() as u64,
+        "cycle {cycle}: stats depth and the leased records disagree"
+    );
+    let mut nacks = tokio::task::JoinSet::new();
+    for l in leased {
+        let spool = spool.clone();
+        nacks.spawn(async move { spool.nack(&l.token, Duration::ZERO).await });
+    }
+    while let Some(r) = nacks.join_next().await {
+        let _ = r.expect("nack task").expect("nack");
+    }
+    let spool = Arc::into_inner(spool).expect("sole owner");
+    spool.close().await.expect("close");
+    tally.max_present = tally.max_present.max(present.len());
+    present
+}
+
+#[test]
+fn kill_9_loses_no_acknowledged_record() {
+    if std::env::var_os(CHILD_ENV).is_some() {
+        return;
+    }
+    let cycles: u64 = std::env::var("CRASH_CYCLES")
+        .ok()
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(50);
+    let seed: u64 = std::env::var("CRASH_SEED")
+        .ok()
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(1)
+        });
+    eprintln!("crash oracle: {cycles} cycles, CRASH_SEED={seed}");
+    let mut rng = Rng(seed);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let mut tally = Tally::default();
+    let mut must: BTreeSet<String> = BTreeSet::new();
+    let mut acked_ever: BTreeSet<String> = BTreeSet::new();
+    let started = std::time::Instant::now();
+    for cycle in 0..cycles {
+        let kill_after = match rng.below(10) {
+            0 => 0,
+            1 => 1 + rng.below(10),
+            _ => rng.below(MAX_LINES_BEFORE_KILL + 1),
+        };
+        let (enq, acked) = run_child(dir.path(), cycle, kill_after);
+        tally.enqueued_acked += enq.len() as u64;
+        tally.consumer_acked += acked.len() as u64;
+        must.extend(enq);
+        for id in acked {
+            assert!(
+                child_id(&id),
+                "cycle {cycle}: the consumer acked {id:?}, which was never enqueued"
+            );
+            must.remove(&id);
+            acked_ever.insert(id);
+        }
+        must = rt.block_on(check_after_kill(
+            dir.path(),
+            cycle,
+            &must,
+            &acked_ever,
+            &mut tally,
+        ));
+    }
+    eprintln!(
+        "crash oracle: {cycles} cycles in {:.1?}, seed {seed}: {tally:?}, 0 lost",
+        started.elapsed()
+    );
+}
