@@ -132,7 +132,7 @@ impl ReliabilityBuilder {
 
         let idempotency = idempotency_store(&config, &clock)?;
         let rate_limiter = rate_limiter(&config, &clock)?;
-        let spool = spool(&config, &clock)?;
+        let spool = spool(&config, &clock, &key_space).await?;
         let status = StatusHub::new(HealthStatus::from_config(&config));
         Ok(Reliability {
             config: Arc::new(config),
@@ -200,11 +200,26 @@ fn rate_limiter(config: &ReliabilityConfig, clock: &SharedClock) -> Result<Arc<d
     }
 }
 
-fn spool(config: &ReliabilityConfig, clock: &SharedClock) -> Result<Option<Arc<dyn Spool>>> {
-    let _ = clock;
+async fn spool(
+    config: &ReliabilityConfig,
+    clock: &SharedClock,
+    key_space: &KeySpace,
+) -> Result<Option<Arc<dyn Spool>>> {
+    let _ = (clock, key_space);
     match config.spool_backend() {
         SpoolBackend::None => Ok(None),
         SpoolBackend::Disk => Err(disabled("spool", "disk", "disk")),
+        // Time comes from the Redis server (`TIME`), not from `clock`.
+        #[cfg(feature = "redis")]
+        SpoolBackend::Redis => {
+            let client = redis_client(config, key_space).await?;
+            let spool = reliability_redis::RedisSpool::builder(client, key_space.namespace())
+                .limits(config.spool_limits.limits())
+                .open()
+                .await?;
+            Ok(Some(Arc::new(spool)))
+        }
+        #[cfg(not(feature = "redis"))]
         SpoolBackend::Redis => Err(disabled("spool", "redis", "redis")),
         #[cfg(feature = "memory")]
         SpoolBackend::Memory => Ok(Some(Arc::new(
@@ -217,4 +232,17 @@ fn spool(config: &ReliabilityConfig, clock: &SharedClock) -> Result<Option<Arc<d
         SpoolBackend::Memory => Err(disabled("spool", "memory", "memory")),
         other => Err(unsupported("spool", other.as_str())),
     }
+}
+
+/// Connects to the configured Redis (standalone, Sentinel or Cluster).
+#[cfg(feature = "redis")]
+async fn redis_client(
+    config: &ReliabilityConfig,
+    key_space: &KeySpace,
+) -> Result<reliability_redis::RedisClient> {
+    let redis = config
+        .redis
+        .as_ref()
+        .ok_or_else(|| Error::config("reliability.redis", "required by the Redis backends"))?;
+    reliability_redis::RedisClient::connect(redis, key_space.clone()).await
 }
