@@ -29,6 +29,7 @@ pub mod capability;
 pub mod clock;
 pub mod config;
 pub mod error;
+pub mod fallback;
 pub mod gcra;
 pub mod idempotency;
 pub mod key;

@@ -1,0 +1,555 @@
+//! The circuit breaker of [`Fallback`](super): when to stop calling the
+//! primary, and when to go back.
+//!
+//! States ([`BreakerState`]):
+//!
+//! - **Closed**: calls go to the primary. After
+//!   [`failure_threshold`](BreakerConfig::failure_threshold) consecutive
+//!   unavailable errors, or a failure ratio of at least
+//!   [`failure_ratio`](BreakerConfig::failure_ratio) over
+//!   [`ratio_window`](BreakerConfig::ratio_window) (once
+//!   [`ratio_min_calls`](BreakerConfig::ratio_min_calls) were seen), it opens.
+//! - **Open**: calls go straight to the secondary, paying no timeout. A
+//!   background [`Probe`] (see [`Breaker::spawn_probe`]) checks the primary;
+//!   its first success moves to HalfOpen.
+//! - **HalfOpen**: calls go to the primary again; after
+//!   [`success_threshold`](BreakerConfig::success_threshold) consecutive
+//!   successes it closes, after one failure it opens again.
+//! - **Isolated**: forced to the secondary by the operator
+//!   ([`Breaker::isolate`]) until [`Breaker::release`].
+//!
+//! The probe also runs while Closed, so an outage is detected without
+//! traffic. Every transition is a `tracing` event and a change on the
+//! [`subscribe`](Breaker::subscribe) channel.
+//!
+//! ```
+//! use reliability_core::fallback::{Breaker, BreakerConfig};
+//! use reliability_core::status::BreakerState;
+//! use reliability_core::{Error, UnavailableReason, ManualClock};
+//! use std::sync::Arc;
+//!
+//! let breaker = Breaker::new(BreakerConfig::default(), Arc::new(ManualClock::new()));
+//! let down = Error::unavailable("redis", UnavailableReason::Connection, "refused");
+//! for _ in 0..3 {
+//!     breaker.record_failure(&down);
+//! }
+//! assert_eq!(breaker.state(), BreakerState::Open);
+//! breaker.record_success(); // a probe succeeded
+//! breaker.record_success();
+//! assert_eq!(breaker.state(), BreakerState::Closed);
+//! ```
+
+use std::fmt;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use crate::clock::{SharedClock, Timestamp};
+use crate::error::{Error, Result};
+use crate::status::{BreakerState, BreakerStatus};
+
+/// When the breaker opens and closes.
+#[derive(Debug, Clone, Copy, PartialEq)]
+#[non_exhaustive]
+pub struct BreakerConfig {
+    /// Consecutive unavailable errors that open the breaker. Default 3.
+    pub failure_threshold: u32,
+    /// Failure ratio over [`ratio_window`](Self::ratio_window) that opens
+    /// the breaker. Default 0.5.
+    pub failure_ratio: f64,
+    /// Window of the failure ratio. Default 10 s.
+    pub ratio_window: Duration,
+    /// Calls a window needs before its ratio counts. Default 20.
+    pub ratio_min_calls: u32,
+    /// Consecutive successes that close a half-open breaker. Default 2.
+    pub success_threshold: u32,
+}
+
+impl Default for BreakerConfig {
+    fn default() -> Self {
+        Self {
+            failure_threshold: 3,
+            failure_ratio: 0.5,
+            ratio_window: Duration::from_secs(10),
+            ratio_min_calls: 20,
+            success_threshold: 2,
+        }
+    }
+}
+
+impl BreakerConfig {
+    /// Sets [`failure_threshold`](Self::failure_threshold) (at least 1).
+    pub fn with_failure_threshold(mut self, n: u32) -> Self {
+        self.failure_threshold = n.max(1);
+        self
+    }
+
+    /// Sets [`success_threshold`](Self::success_threshold) (at least 1).
+    pub fn with_success_threshold(mut self, n: u32) -> Self {
+        self.success_threshold = n.max(1);
+        self
+    }
+
+    /// Sets the failure ratio, its window and its minimum number of calls.
+    pub fn with_failure_ratio(mut self, ratio: f64, window: Duration, min_calls: u32) -> Self {
+        self.failure_ratio = ratio;
+        self.ratio_window = window;
+        self.ratio_min_calls = min_calls.max(1);
+        self
+    }
+}
+
+/// Checks whether the primary is healthy, for the breaker's background
+/// probe (e.g. Redis `PING`, plus `ROLE` == master behind Sentinel).
+#[async_trait]
+pub trait Probe: Send + Sync + fmt::Debug + 'static {
+    /// Succeeds when the primary can take calls.
+    ///
+    /// # Behavior
+    /// Called every probe interval under the probe deadline; must not
+    /// change any data.
+    ///
+    /// # Errors
+    /// Any error means "not healthy"; unavailable errors are expected.
+    async fn probe(&self) -> Result<()>;
+}
+
+/// A circuit breaker shared by every [`Fallback`](super) in front of one
+/// primary. See the [module docs](self).
+pub struct Breaker {
+    config: BreakerConfig,
+    clock: SharedClock,
+    state: AtomicU8,
+    inner: Mutex<Inner>,
+    changes: watch::Sender<BreakerStatus>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    state: BreakerState,
+    since: Timestamp,
+    consecutive_failures: u32,
+    consecutive_successes: u32,
+    window_start: Timestamp,
+    window_calls: u32,
+    window_failures: u32,
+    last_error: Option<String>,
+}
+
+impl fmt::Debug for Breaker {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Breaker")
+            .field("state", &self.state())
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+const fn encode(s: BreakerState) -> u8 {
+    match s {
+        BreakerState::Closed => 0,
+        BreakerState::Open => 1,
+        BreakerState::HalfOpen => 2,
+        BreakerState::Isolated => 3,
+    }
+}
+
+const fn decode(v: u8) -> BreakerState {
+    match v {
+        0 => BreakerState::Closed,
+        1 => BreakerState::Open,
+        2 => BreakerState::HalfOpen,
+        _ => BreakerState::Isolated,
+    }
+}
+
+impl Breaker {
+    /// A closed breaker; `clock` stamps the transitions.
+    pub fn new(config: BreakerConfig, clock: SharedClock) -> Self {
+        let now = clock.now();
+        let (changes, _) = watch::channel(BreakerStatus::new(BreakerState::Closed, now));
+        Self {
+            config,
+            clock,
+            state: AtomicU8::new(encode(BreakerState::Closed)),
+            inner: Mutex::new(Inner {
+                state: BreakerState::Closed,
+                since: now,
+                consecutive_failures: 0,
+                consecutive_successes: 0,
+                window_start: now,
+                window_calls: 0,
+                window_failures: 0,
+                last_error: None,
+            }),
+            changes,
+        }
+    }
+
+    /// The current state (lock-free; read on every call).
+    pub fn state(&self) -> BreakerState {
+        decode(self.state.load(Ordering::Acquire))
+    }
+
+    /// `true` when calls should try the primary (Closed or HalfOpen).
+    pub fn routes_to_primary(&self) -> bool {
+        matches!(self.state(), BreakerState::Closed | BreakerState::HalfOpen)
+    }
+
+    /// The state, since when, and the last error (redacted).
+    pub fn status(&self) -> BreakerStatus {
+        self.changes.borrow().clone()
+    }
+
+    /// A channel that changes on every transition.
+    pub fn subscribe(&self) -> watch::Receiver<BreakerStatus> {
+        self.changes.subscribe()
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &BreakerConfig {
+        &self.config
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The primary answered (a call or a probe).
+    pub fn record_success(&self) {
+        let mut g = self.lock();
+        let now = self.clock.now();
+        self.roll_window(&mut g, now);
+        g.consecutive_failures = 0;
+        g.window_calls = g.window_calls.saturating_add(1);
+        match g.state {
+            BreakerState::Closed | BreakerState::Isolated => {}
+            BreakerState::Open => {
+                g.consecutive_successes = 1;
+                let to = if self.config.success_threshold <= 1 {
+                    BreakerState::Closed
+                } else {
+                    BreakerState::HalfOpen
+                };
+                self.transition(&mut g, to, now, "probe succeeded");
+            }
+            BreakerState::HalfOpen => {
+                g.consecutive_successes = g.consecutive_successes.saturating_add(1);
+                if g.consecutive_successes >= self.config.success_threshold {
+                    self.transition(&mut g, BreakerState::Closed, now, "primary healthy again");
+                }
+            }
+        }
+    }
+
+    /// The primary failed with an unavailable error or a timeout (a call or
+    /// a probe). Caller errors must not be recorded: the primary answered.
+    pub fn record_failure(&self, error: &Error) {
+        let mut g = self.lock();
+        let now = self.clock.now();
+        self.roll_window(&mut g, now);
+        g.consecutive_successes = 0;
+        g.consecutive_failures = g.consecutive_failures.saturating_add(1);
+        g.window_calls = g.window_calls.saturating_add(1);
+        g.window_failures = g.window_failures.saturating_add(1);
+        g.last_error = Some(error.to_string());
+        match g.state {
+            BreakerState::Closed => {
+                let consecutive = g.consecutive_failures >= self.config.failure_threshold;
+                let ratio = g.window_calls >= self.config.ratio_min_calls
+                    && f64::from(g.window_failures)
+                        >= self.config.failure_ratio * f64::from(g.window_calls);
+                if consecutive || ratio {
+                    let why = if consecutive {
+                        "consecutive unavailable errors"
+                    } else {
+                        "failure ratio over the window"
+                    };
+                    self.transition(&mut g, BreakerState::Open, now, why);
+                } else {
+                    self.publish(&g);
+                }
+            }
+            BreakerState::HalfOpen => {
+                self.transition(&mut g, BreakerState::Open, now, "failure while half-open");
+            }
+            BreakerState::Open | BreakerState::Isolated => self.publish(&g),
+        }
+    }
+
+    /// Forces every call to the secondary (operator action).
+    pub fn isolate(&self) {
+        let mut g = self.lock();
+        let now = self.clock.now();
+        if g.state != BreakerState::Isolated {
+            self.transition(
+                &mut g,
+                BreakerState::Isolated,
+                now,
+                "isolated by the operator",
+            );
+        }
+    }
+
+    /// Ends an isolation: the breaker opens and lets the probe decide when
+    /// the primary takes traffic again. No-op unless isolated.
+    pub fn release(&self) {
+        let mut g = self.lock();
+        let now = self.clock.now();
+        if g.state == BreakerState::Isolated {
+            g.consecutive_successes = 0;
+            self.transition(&mut g, BreakerState::Open, now, "isolation released");
+        }
+    }
+
+    fn roll_window(&self, g: &mut Inner, now: Timestamp) {
+        if now.saturating_since(g.window_start) >= self.config.ratio_window {
+            g.window_start = now;
+            g.window_calls = 0;
+            g.window_failures = 0;
+        }
+    }
+
+    fn transition(&self, g: &mut Inner, to: BreakerState, now: Timestamp, why: &'static str) {
+        let from = g.state;
+        g.state = to;
+        g.since = now;
+        g.window_start = now;
+        g.window_calls = 0;
+        g.window_failures = 0;
+        if to != BreakerState::HalfOpen {
+            g.consecutive_successes = 0;
+        }
+        g.consecutive_failures = 0;
+        self.state.store(encode(to), Ordering::Release);
+        let error = g.last_error.as_deref().map(crate::status::redact);
+        match to {
+            BreakerState::Open | BreakerState::Isolated => {
+                warn!(from = ?from, to = ?to, reason = why, last_error = ?error, "breaker transition");
+            }
+            _ => info!(from = ?from, to = ?to, reason = why, "breaker transition"),
+        }
+        self.publish(g);
+    }
+
+    fn publish(&self, g: &Inner) {
+        let mut status = BreakerStatus::new(g.state, g.since);
+        if let Some(e) = &g.last_error {
+            status = status.with_last_error(e);
+        }
+        self.changes.send_if_modified(|s| {
+            if *s == status {
+                false
+            } else {
+                *s = status;
+                true
+            }
+        });
+    }
+
+    /// Starts the background probe: every `interval`, unless isolated, run
+    /// `probe` under `deadline` and record the outcome. The task stops when
+    /// the returned [`ProbeTask`] is dropped.
+    ///
+    /// # Panics
+    /// Outside a tokio runtime.
+    pub fn spawn_probe(
+        self: &Arc<Self>,
+        probe: Arc<dyn Probe>,
+        interval: Duration,
+        deadline: Duration,
+    ) -> ProbeTask {
+        let breaker = Arc::clone(self);
+        let join = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                if breaker.state() == BreakerState::Isolated {
+                    continue;
+                }
+                match tokio::time::timeout(deadline, probe.probe()).await {
+                    Ok(Ok(())) => breaker.record_success(),
+                    Ok(Err(e)) => breaker.record_failure(&e),
+                    Err(_) => breaker.record_failure(&Error::Timeout {
+                        backend: "probe",
+                        after: deadline,
+                    }),
+                }
+            }
+        });
+        ProbeTask { join }
+    }
+}
+
+/// The running background probe; dropping it stops the probe.
+#[derive(Debug)]
+pub struct ProbeTask {
+    join: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for ProbeTask {
+    fn drop(&mut self) {
+        self.join.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::{Clock, ManualClock};
+    use crate::error::UnavailableReason;
+    use std::sync::atomic::AtomicBool;
+
+    fn down() -> Error {
+        Error::unavailable(
+            "redis",
+            UnavailableReason::Connection,
+            "refused redis://u:hunter2@h",
+        )
+    }
+
+    fn breaker(clock: &ManualClock) -> Breaker {
+        Breaker::new(BreakerConfig::default(), Arc::new(clock.clone()))
+    }
+
+    #[test]
+    fn opens_after_consecutive_failures_and_successes_reset_the_count() {
+        let clock = ManualClock::new();
+        let b = breaker(&clock);
+        b.record_failure(&down());
+        b.record_failure(&down());
+        b.record_success();
+        b.record_failure(&down());
+        b.record_failure(&down());
+        assert_eq!(b.state(), BreakerState::Closed);
+        b.record_failure(&down());
+        assert_eq!(b.state(), BreakerState::Open);
+        assert!(!b.routes_to_primary());
+        let s = b.status();
+        assert_eq!(s.since, Some(clock.now()));
+        let e = s.last_error.expect("last error kept");
+        assert!(!e.as_str().contains("hunter2"), "redacted: {}", e.as_str());
+    }
+
+    #[test]
+    fn opens_on_failure_ratio() {
+        let clock = ManualClock::new();
+        let b = breaker(&clock);
+        for i in 0..20 {
+            if i % 2 == 0 {
+                b.record_failure(&down());
+            } else {
+                b.record_success();
+            }
+        }
+        assert_eq!(
+            b.state(),
+            BreakerState::Closed,
+            "the ratio is judged on a failure"
+        );
+        b.record_failure(&down());
+        assert_eq!(b.state(), BreakerState::Open, "11 of 21 calls failed");
+    }
+
+    #[test]
+    fn failure_ratio_forgets_old_windows() {
+        let clock = ManualClock::new();
+        let b = breaker(&clock);
+        for i in 0..19 {
+            if i % 2 == 0 {
+                b.record_failure(&down());
+            } else {
+                b.record_success();
+            }
+        }
+        clock.advance(Duration::from_secs(11));
+        b.record_success();
+        b.record_failure(&down());
+        assert_eq!(b.state(), BreakerState::Closed);
+    }
+
+    #[test]
+    fn half_open_closes_after_successes_and_reopens_on_failure() {
+        let clock = ManualClock::new();
+        let b = breaker(&clock);
+        for _ in 0..3 {
+            b.record_failure(&down());
+        }
+        b.record_success();
+        assert_eq!(b.state(), BreakerState::HalfOpen);
+        assert!(b.routes_to_primary());
+        b.record_failure(&down());
+        assert_eq!(b.state(), BreakerState::Open);
+        b.record_success();
+        b.record_success();
+        assert_eq!(b.state(), BreakerState::Closed);
+    }
+
+    #[test]
+    fn isolation_ignores_outcomes_until_released() {
+        let clock = ManualClock::new();
+        let b = breaker(&clock);
+        b.isolate();
+        for _ in 0..5 {
+            b.record_success();
+        }
+        assert_eq!(b.state(), BreakerState::Isolated);
+        b.release();
+        assert_eq!(
+            b.state(),
+            BreakerState::Open,
+            "the probe decides after isolation"
+        );
+    }
+
+    #[tokio::test]
+    async fn transitions_are_published() {
+        let clock = ManualClock::new();
+        let b = breaker(&clock);
+        let mut rx = b.subscribe();
+        for _ in 0..3 {
+            b.record_failure(&down());
+        }
+        rx.changed().await.expect("changed");
+        assert_eq!(rx.borrow_and_update().state, BreakerState::Open);
+    }
+
+    #[derive(Debug)]
+    struct Flag(AtomicBool);
+
+    #[async_trait]
+    impl Probe for Flag {
+        async fn probe(&self) -> Result<()> {
+            if self.0.load(Ordering::SeqCst) {
+                Ok(())
+            } else {
+                Err(down())
+            }
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn probe_detects_without_traffic_and_recovers() {
+        let clock = ManualClock::new();
+        let b = Arc::new(breaker(&clock));
+        let healthy = Arc::new(Flag(AtomicBool::new(false)));
+        let _task = b.spawn_probe(
+            healthy.clone(),
+            Duration::from_millis(250),
+            Duration::from_millis(100),
+        );
+        let mut rx = b.subscribe();
+        while rx.borrow_and_update().state != BreakerState::Open {
+            rx.changed().await.expect("changed");
+        }
+        healthy.0.store(true, Ordering::SeqCst);
+        while rx.borrow_and_update().state != BreakerState::Closed {
+            rx.changed().await.expect("changed");
+        }
+    }
+}
