@@ -1,10 +1,13 @@
 //! [`inspect`] and [`repair`]: what a spool directory holds, and moving what
 //! is corrupt to quarantine.
 
+use std::fs::{self, OpenOptions};
+use std::io;
 use std::path::{Path, PathBuf};
 
 use reliability_core::{Error, Result, UnavailableReason};
 
+use crate::recover::{quarantine_dir, recover};
 use crate::spool::BACKEND;
 
 /// What kind of damage was found.
@@ -51,6 +54,37 @@ pub struct Finding {
     pub len: u64,
     /// Details (the decode error, ...).
     pub detail: String,
+}
+
+impl Finding {
+    pub(crate) fn new(kind: FindingKind, file: PathBuf, offset: u64, len: u64) -> Self {
+        Self {
+            kind,
+            file,
+            offset,
+            len,
+            detail: String::new(),
+        }
+    }
+
+    pub(crate) fn detail(mut self, detail: impl Into<String>) -> Self {
+        self.detail = detail.into();
+        self
+    }
+}
+
+impl std::fmt::Display for Finding {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} in {} at {} ({} bytes): {}",
+            self.kind.code(),
+            self.file.display(),
+            self.offset,
+            self.len,
+            self.detail
+        )
+    }
 }
 
 /// One segment as [`inspect`] saw it.
@@ -110,31 +144,125 @@ pub struct RepairReport {
     pub records: u64,
 }
 
-/// Reports what the spool directory `dir` holds, without changing anything.
+fn io_err(what: &str, dir: &Path, e: io::Error) -> Error {
+    Error::Unavailable {
+        backend: BACKEND,
+        reason: UnavailableReason::Io,
+        message: format!("{what} ({}): {e}", dir.display()),
+        source: Some(Box::new(e)),
+    }
+}
+
+/// Lists `quarantine/`: one item per `.reason` file.
+fn quarantined(dir: &Path) -> io::Result<Vec<QuarantinedItem>> {
+    let mut out = Vec::new();
+    let entries = match fs::read_dir(quarantine_dir(dir)) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
+        Err(e) => return Err(e),
+    };
+    for entry in entries {
+        let entry = entry?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if let Some(stem) = name.strip_suffix(".reason") {
+            out.push(QuarantinedItem {
+                name: stem.to_string(),
+                reason: fs::read_to_string(entry.path()).unwrap_or_default(),
+            });
+        }
+    }
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(out)
+}
+
+/// Reports what the spool directory `dir` holds, without changing anything
+/// (it may run beside an open spool; what it reads then is a moving target,
+/// e.g. a frame being written looks like a torn tail).
 ///
 /// # Errors
 /// [`Error::Unavailable`] with [`UnavailableReason::Io`] if the directory
 /// cannot be read.
 pub fn inspect(dir: &Path) -> Result<InspectReport> {
-    let _ = dir;
-    Err(Error::unavailable(
-        BACKEND,
-        UnavailableReason::Io,
-        "not implemented yet",
-    ))
+    if !dir.is_dir() {
+        return Err(io_err(
+            "not a spool directory",
+            dir,
+            io::Error::from(io::ErrorKind::NotFound),
+        ));
+    }
+    let rec = recover(dir, false).map_err(|e| io_err("cannot read the spool", dir, e))?;
+    let per_seg = rec.index.records_per_segment();
+    let segments = rec
+        .segments
+        .iter()
+        .map(|&(number, bytes, entries)| SegmentReport {
+            number,
+            bytes,
+            entries,
+            records: per_seg.get(&number).copied().unwrap_or(0),
+        })
+        .collect();
+    let leased = rec
+        .index
+        .live
+        .values()
+        .filter(|l| l.lease.is_some())
+        .count() as u64;
+    Ok(InspectReport {
+        dir: dir.to_path_buf(),
+        segments,
+        waiting: rec.index.live.len() as u64 - leased,
+        leased,
+        dead: rec.index.dead_ids.len() as u64,
+        bytes: rec.index.bytes,
+        quarantined: quarantined(dir).map_err(|e| io_err("cannot list quarantine", dir, e))?,
+        corruption: rec.findings,
+    })
 }
 
 /// Moves every corrupt part of the spool directory `dir` to `quarantine/`
-/// (as opening a spool does), rewriting nothing good.
+/// (as opening a spool does), rewriting nothing good: torn tails are
+/// truncated, bad frames padded over in place, garbage files moved, gaps
+/// recorded. Takes the directory's lock for the time it runs.
 ///
 /// # Errors
 /// [`Error::Unavailable`] with [`UnavailableReason::Io`] if the directory
 /// cannot be read or written, or is locked by an open spool.
 pub fn repair(dir: &Path) -> Result<RepairReport> {
-    let _ = dir;
-    Err(Error::unavailable(
-        BACKEND,
-        UnavailableReason::Io,
-        "not implemented yet",
-    ))
+    if !dir.is_dir() {
+        return Err(io_err(
+            "not a spool directory",
+            dir,
+            io::Error::from(io::ErrorKind::NotFound),
+        ));
+    }
+    let lock = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(dir.join("LOCK"))
+        .map_err(|e| io_err("cannot open the lock file", dir, e))?;
+    match fs4::FileExt::try_lock(&lock) {
+        Ok(()) => {}
+        Err(fs4::TryLockError::WouldBlock) => {
+            return Err(Error::unavailable(
+                BACKEND,
+                UnavailableReason::Io,
+                format!(
+                    "spool directory {} is in use: another open DiskSpool holds its lock",
+                    dir.display()
+                ),
+            ))
+        }
+        Err(fs4::TryLockError::Error(e)) => {
+            return Err(io_err("cannot lock the spool directory", dir, e))
+        }
+    }
+    let rec = recover(dir, true).map_err(|e| io_err("cannot repair the spool", dir, e))?;
+    let _ = fs4::FileExt::unlock(&lock);
+    Ok(RepairReport {
+        quarantined: rec.findings,
+        records: rec.index.held(),
+    })
 }

@@ -67,7 +67,10 @@
 
 pub mod codec;
 mod fsck;
+mod index;
+mod recover;
 mod spool;
+mod writer;
 
 pub use fsck::{
     inspect, repair, Finding, FindingKind, InspectReport, QuarantinedItem, RepairReport,

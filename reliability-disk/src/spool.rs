@@ -1,15 +1,33 @@
 //! [`DiskSpool`] and its configuration.
 
+use std::collections::{HashMap, HashSet};
 use std::fmt;
-use std::path::PathBuf;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::FileExt as _;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicU64;
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::thread::JoinHandle;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use bytes::Bytes;
 use reliability_core::{
-    system_clock, Capabilities, DeadReason, DeadRecord, Durability, Enqueued, Error, Leased,
-    NackOutcome, NewRecord, Result, SharedClock, Spool, SpoolLimits, SpoolStats, SpoolToken,
-    UnavailableReason,
+    system_clock, Capabilities, DeadReason, DeadRecord, Durability, Enqueued, Error, LeaseToken,
+    Leased, NackOutcome, NewRecord, Record, RecordId, Result, SharedClock, Spool, SpoolLimits,
+    SpoolStats, SpoolToken, Timestamp, UnavailableReason,
 };
+use tokio::sync::oneshot;
+
+use crate::codec::{self, Entry};
+use crate::index::{Index, Live, Loc, NotOwner};
+use crate::recover::{
+    quarantine_dir, recover, segment_header, segment_path, segments_dir, sync_dir, Quarantine,
+    SEG_HEADER_LEN,
+};
+use crate::writer::{Cmd, Completion, WriteReq, Writer, Written};
 
 pub(crate) const BACKEND: &str = "disk";
 
@@ -75,6 +93,7 @@ impl DiskSpoolConfig {
 pub struct DiskSpoolBuilder {
     config: DiskSpoolConfig,
     clock: Option<SharedClock>,
+    fault: Option<Arc<AtomicU64>>,
 }
 
 impl DiskSpoolBuilder {
@@ -110,24 +129,300 @@ impl DiskSpoolBuilder {
     /// directory cannot be created or read, or is locked by another open
     /// spool; [`Error::Config`] for an invalid setting.
     pub async fn open(self) -> Result<DiskSpool> {
-        let _ = (self.config, self.clock.unwrap_or_else(system_clock));
-        Err(Error::unavailable(
-            BACKEND,
-            UnavailableReason::Io,
-            "not implemented yet",
-        ))
+        let DiskSpoolBuilder {
+            config,
+            clock,
+            fault,
+        } = self;
+        let clock = clock.unwrap_or_else(system_clock);
+        if config.segment_max_bytes == 0 {
+            return Err(Error::config(
+                "segment_max_bytes",
+                "must be greater than zero",
+            ));
+        }
+        if config.limits.max_record_bytes > MAX_PAYLOAD {
+            return Err(Error::config(
+                "limits.max_record_bytes",
+                format!("the disk spool stores payloads of at most {MAX_PAYLOAD} bytes"),
+            ));
+        }
+        if let FsyncMode::Interval(d) = config.fsync {
+            if d.is_zero() {
+                return Err(Error::config(
+                    "fsync",
+                    "the interval must be greater than zero",
+                ));
+            }
+        }
+        let dir = config.dir.clone();
+        tokio::task::spawn_blocking(move || open_blocking(config, clock, fault))
+            .await
+            .map_err(|e| {
+                Error::unavailable(
+                    BACKEND,
+                    UnavailableReason::Io,
+                    format!("opening {}: {e}", dir.display()),
+                )
+            })?
+    }
+
+    /// Test hook: writes fail with "no space left on device" once `budget`
+    /// bytes were written (the counter goes down as the spool writes; raise
+    /// it to let writes succeed again). For full-disk tests where a small
+    /// filesystem cannot be mounted.
+    #[doc(hidden)]
+    pub fn fail_writes_after(mut self, budget: Arc<AtomicU64>) -> Self {
+        self.fault = Some(budget);
+        self
     }
 }
 
-/// A durable [`Spool`] on a local directory. See the [crate docs](crate).
+/// Largest payload the format stores (a frame is at most
+/// [`codec::MAX_FRAME_LEN`] bytes, ids and times included).
+const MAX_PAYLOAD: usize = codec::MAX_FRAME_LEN as usize - 1024;
+
+/// Open read handles of segments, for positioned reads of payloads.
+#[derive(Debug)]
+pub(crate) struct ReadFiles {
+    dir: PathBuf,
+    files: Mutex<HashMap<u32, Arc<File>>>,
+}
+
+impl ReadFiles {
+    fn get(&self, seg: u32) -> io::Result<Arc<File>> {
+        let mut files = self.files.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(f) = files.get(&seg) {
+            return Ok(f.clone());
+        }
+        let f = Arc::new(File::open(segment_path(&self.dir, seg))?);
+        files.insert(seg, f.clone());
+        Ok(f)
+    }
+
+    /// Drops the handle of a deleted segment (readers holding it finish).
+    pub(crate) fn forget(&self, seg: u32) {
+        self.files
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&seg);
+    }
+}
+
+/// Everything under the state mutex.
+#[derive(Debug, Default)]
+struct State {
+    index: Index,
+    /// Ids whose enqueue frames are being written: duplicates, and they take
+    /// room, but are not leasable yet.
+    pending: HashSet<RecordId>,
+    pending_bytes: u64,
+    expired_total: u64,
+    quarantined_total: u64,
+}
+
+#[derive(Debug)]
+struct Shared {
+    dir: PathBuf,
+    state: Mutex<State>,
+    files: Arc<ReadFiles>,
+}
+
+impl Shared {
+    fn state(&self) -> MutexGuard<'_, State> {
+        // No code path panics while holding the lock, and every mutation
+        // keeps the state consistent step by step; a poisoned lock is safe.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// A durable [`Spool`] on a local directory: a segmented, CRC32C-checked,
+/// group-committed log. See the [crate docs](crate) for the format and the
+/// guarantees.
+///
+/// ```
+/// use std::time::Duration;
+/// use reliability_core::{NewRecord, RecordId, Spool};
+/// use reliability_disk::DiskSpool;
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> reliability_core::Result<()> {
+/// let dir = std::env::temp_dir().join(format!("disk-spool-doc-{}", std::process::id()));
+/// let spool = DiskSpool::builder(&dir).open().await?;
+/// spool.enqueue(vec![NewRecord::new(RecordId::new("order-42")?, "payload")]).await?;
+/// spool.close().await?;
+///
+/// // The record survives a restart.
+/// let spool = DiskSpool::builder(&dir).open().await?;
+/// let leased = spool.lease(10, Duration::from_secs(30)).await?;
+/// assert_eq!(leased[0].record.payload, "payload");
+/// spool.ack(&leased[0].token).await?;
+/// spool.close().await?;
+/// # std::fs::remove_dir_all(&dir).ok();
+/// # Ok(())
+/// # }
+/// ```
 pub struct DiskSpool {
-    _private: (),
+    shared: Arc<Shared>,
+    limits: SpoolLimits,
+    mode: FsyncMode,
+    clock: SharedClock,
+    tx: Option<mpsc::Sender<Cmd>>,
+    writer: Option<JoinHandle<()>>,
+    lock: Option<File>,
 }
 
 impl fmt::Debug for DiskSpool {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("DiskSpool").finish_non_exhaustive()
+        let st = self.shared.state();
+        f.debug_struct("DiskSpool")
+            .field("dir", &self.shared.dir)
+            .field("fsync", &self.mode)
+            .field("limits", &self.limits)
+            .field("live", &st.index.live.len())
+            .field("dead", &st.index.dead_ids.len())
+            .field("bytes", &st.index.bytes)
+            .finish()
     }
+}
+
+fn io_error(what: &str, dir: &Path, e: io::Error) -> Error {
+    Error::Unavailable {
+        backend: BACKEND,
+        reason: UnavailableReason::Io,
+        message: format!("{what} ({}): {e}", dir.display()),
+        source: Some(Box::new(e)),
+    }
+}
+
+fn closed() -> Error {
+    Error::unavailable(
+        BACKEND,
+        UnavailableReason::Closed,
+        "the disk spool's writer stopped",
+    )
+}
+
+fn lost(token: &SpoolToken) -> Error {
+    Error::lease_lost(token.id().as_str())
+}
+
+fn open_blocking(
+    config: DiskSpoolConfig,
+    clock: SharedClock,
+    fault: Option<Arc<AtomicU64>>,
+) -> Result<DiskSpool> {
+    let dir = config.dir.clone();
+    fs::create_dir_all(&dir).map_err(|e| io_error("cannot create the spool directory", &dir, e))?;
+    let lock = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(dir.join("LOCK"))
+        .map_err(|e| io_error("cannot open the lock file", &dir, e))?;
+    match fs4::FileExt::try_lock(&lock) {
+        Ok(()) => {}
+        Err(fs4::TryLockError::WouldBlock) => {
+            return Err(Error::unavailable(
+                BACKEND,
+                UnavailableReason::Io,
+                format!(
+                    "spool directory {} is in use: another open DiskSpool holds its lock",
+                    dir.display()
+                ),
+            ))
+        }
+        Err(fs4::TryLockError::Error(e)) => {
+            return Err(io_error("cannot lock the spool directory", &dir, e))
+        }
+    }
+    let rec = recover(&dir, true).map_err(|e| io_error("cannot read the spool", &dir, e))?;
+    let active = match rec.active() {
+        Some(a) => a,
+        None => {
+            let path = segment_path(&dir, 1);
+            let create = || -> io::Result<()> {
+                let mut f = File::create(&path)?;
+                f.write_all(&segment_header(1))?;
+                f.sync_all()?;
+                sync_dir(&segments_dir(&dir))
+            };
+            create().map_err(|e| io_error("cannot create the first segment", &dir, e))?;
+            (1, SEG_HEADER_LEN)
+        }
+    };
+    let mut counts = rec.index.records_per_segment();
+    for &(n, _, _) in &rec.segments {
+        counts.entry(n).or_insert(0);
+    }
+    let files = Arc::new(ReadFiles {
+        dir: dir.clone(),
+        files: Mutex::new(HashMap::new()),
+    });
+    let writer = Writer::new(
+        dir.clone(),
+        config.fsync,
+        config.segment_max_bytes,
+        active,
+        counts,
+        files.clone(),
+        fault,
+    )
+    .map_err(|e| io_error("cannot open the active segment", &dir, e))?;
+    let (tx, rx) = mpsc::channel();
+    let handle = std::thread::Builder::new()
+        .name("reliability-disk-writer".into())
+        .spawn(move || writer.run(rx))
+        .map_err(|e| io_error("cannot start the writer thread", &dir, e))?;
+    let quarantined = rec.findings.len() as u64;
+    if quarantined > 0 {
+        tracing::warn!(
+            dir = %dir.display(),
+            quarantined,
+            "disk spool: opened with corrupt parts moved to quarantine"
+        );
+    }
+    let state = State {
+        index: rec.index,
+        quarantined_total: quarantined,
+        ..State::default()
+    };
+    Ok(DiskSpool {
+        shared: Arc::new(Shared {
+            dir,
+            state: Mutex::new(state),
+            files,
+        }),
+        limits: config.limits,
+        mode: config.fsync,
+        clock,
+        tx: Some(tx),
+        writer: Some(handle),
+        lock: Some(lock),
+    })
+}
+
+/// A batch of frames to queue, built under the state lock.
+#[derive(Default)]
+struct Frames {
+    bytes: Vec<u8>,
+    released: Vec<u32>,
+}
+
+impl Frames {
+    fn push(&mut self, e: &Entry) {
+        codec::encode(e, &mut self.bytes);
+    }
+}
+
+/// What `lease` hands out, payload still on disk.
+struct Picked {
+    id: RecordId,
+    token: LeaseToken,
+    loc: Loc,
+    attempts: u32,
+    enqueued_at: Timestamp,
 }
 
 impl DiskSpool {
@@ -136,6 +431,7 @@ impl DiskSpool {
         DiskSpoolBuilder {
             config: DiskSpoolConfig::new(dir),
             clock: None,
+            fault: None,
         }
     }
 
@@ -147,9 +443,20 @@ impl DiskSpool {
         DiskSpoolBuilder {
             config,
             clock: None,
+            fault: None,
         }
         .open()
         .await
+    }
+
+    /// The spool's directory.
+    pub fn dir(&self) -> &Path {
+        &self.shared.dir
+    }
+
+    /// The limits this spool enforces.
+    pub fn limits(&self) -> SpoolLimits {
+        self.limits
     }
 
     /// Writes and syncs everything queued, stops the writer and releases the
@@ -157,14 +464,158 @@ impl DiskSpool {
     ///
     /// # Errors
     /// [`Error::Unavailable`] with [`UnavailableReason::Io`] if the final
-    /// sync fails.
-    pub async fn close(self) -> Result<()> {
-        Ok(())
+    /// sync fails (the lock is released all the same).
+    pub async fn close(mut self) -> Result<()> {
+        let (tx, rx) = oneshot::channel();
+        let sent = self
+            .tx
+            .take()
+            .is_some_and(|s| s.send(Cmd::Close(tx)).is_ok());
+        let r = if sent {
+            match rx.await {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) => Err(io_error("final sync failed", &self.shared.dir, e)),
+                Err(_) => Err(closed()),
+            }
+        } else {
+            Err(closed())
+        };
+        if let Some(h) = self.writer.take() {
+            // The writer has answered and is returning: joining is immediate.
+            let _ = tokio::task::spawn_blocking(move || h.join()).await;
+        }
+        self.unlock();
+        r
+    }
+
+    fn unlock(&mut self) {
+        if let Some(lock) = self.lock.take() {
+            let _ = fs4::FileExt::unlock(&lock);
+        }
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.shared.state()
+    }
+
+    fn expired(&self, enqueued_at: Timestamp, now: Timestamp) -> bool {
+        enqueued_at.saturating_add(self.limits.retention) <= now
+    }
+
+    /// Queues `frames` (call under the state lock, so log order is
+    /// state-change order).
+    fn send(
+        &self,
+        frames: Frames,
+        sync: bool,
+        enqueued: u64,
+        done: Option<Completion>,
+    ) -> Result<oneshot::Receiver<io::Result<Written>>> {
+        let (tx, rx) = oneshot::channel();
+        let req = WriteReq {
+            bytes: frames.bytes,
+            sync,
+            enqueued,
+            released: frames.released,
+            done,
+            reply: Some(tx),
+        };
+        match &self.tx {
+            Some(s) => match s.send(Cmd::Write(req)) {
+                Ok(()) => Ok(rx),
+                Err(mpsc::SendError(Cmd::Write(mut req))) => {
+                    if let Some(done) = req.done.take() {
+                        done(&Err(io::Error::other("writer stopped")));
+                    }
+                    Err(closed())
+                }
+                Err(_) => Err(closed()),
+            },
+            None => Err(closed()),
+        }
+    }
+
+    async fn wait(&self, rx: oneshot::Receiver<io::Result<Written>>, what: &str) -> Result<()> {
+        match rx.await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(io_error(what, &self.shared.dir, e)),
+            Err(_) => Err(closed()),
+        }
+    }
+
+    /// Reads the payload of the enqueue frame of `id` at `loc`.
+    fn read_payload(&self, id: &RecordId, loc: Loc) -> std::result::Result<Bytes, String> {
+        let file = self.shared.files.get(loc.seg).map_err(|e| e.to_string())?;
+        let mut buf = vec![0u8; loc.len as usize];
+        file.read_exact_at(&mut buf, loc.off)
+            .map_err(|e| e.to_string())?;
+        match codec::decode(&buf) {
+            Ok(Some((
+                Entry::Enqueue {
+                    id: got, payload, ..
+                },
+                _,
+            ))) if &got == id => Ok(payload),
+            Ok(Some((other, _))) => Err(format!(
+                "expected the enqueue frame of {id}, found a {} frame",
+                other.kind_name()
+            )),
+            Ok(None) => Err("frame cut short".into()),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    /// A record whose frame no longer reads back: its bytes go to
+    /// quarantine, the record leaves the index (an ack frame records it).
+    fn lost_to_corruption(&self, id: &RecordId, loc: Loc, why: &str) {
+        tracing::error!(id = %id, segment = loc.seg, offset = loc.off, why, "disk spool: record unreadable, quarantined");
+        let q = Quarantine {
+            dir: quarantine_dir(&self.shared.dir),
+            fix: true,
+        };
+        let mut bytes = vec![0u8; loc.len as usize];
+        let read = self
+            .shared
+            .files
+            .get(loc.seg)
+            .and_then(|f| f.read_exact_at(&mut bytes, loc.off));
+        if read.is_err() {
+            bytes.clear();
+        }
+        let finding = crate::fsck::Finding::new(
+            crate::fsck::FindingKind::BadFrame,
+            PathBuf::from("segments").join(crate::recover::segment_name(loc.seg)),
+            loc.off,
+            u64::from(loc.len),
+        )
+        .detail(format!("record {id} unreadable at runtime: {why}"));
+        let _ = q.bytes(&mut Vec::new(), finding, &bytes);
+        let mut st = self.state();
+        let removed = match st.index.take_live(id) {
+            Some(l) => Some(l.payload_len),
+            None => st.index.remove_dead(id).map(|d| d.payload_len),
+        };
+        st.quarantined_total += 1;
+        if let Some(len) = removed {
+            st.index.bytes -= u64::from(len);
+            let mut f = Frames::default();
+            f.push(&Entry::Ack { id: id.clone() });
+            f.released.push(loc.seg);
+            let _ = self.send(f, false, 0, None);
+        }
     }
 }
 
-fn todo_err() -> Error {
-    Error::unavailable(BACKEND, UnavailableReason::Io, "not implemented yet")
+impl Drop for DiskSpool {
+    fn drop(&mut self) {
+        // Dropping the sender stops the writer after a final sync; wait for
+        // it so that a reopen never races a writer still running.
+        drop(self.tx.take());
+        if let Some(h) = self.writer.take() {
+            let _ = h.join();
+        }
+        self.unlock();
+    }
 }
 
 #[async_trait]
@@ -175,34 +626,379 @@ impl Spool for DiskSpool {
             .with_reopenable(true)
             .with_bounded(true)
     }
-    async fn enqueue(&self, _batch: Vec<NewRecord>) -> Result<Enqueued> {
-        Err(todo_err())
+
+    async fn enqueue(&self, batch: Vec<NewRecord>) -> Result<Enqueued> {
+        self.limits.check_batch(&batch)?;
+        let now = self.clock.now();
+        let durability = self.mode.durability();
+        let (rx, accepted, duplicates) = {
+            let mut st = self.state();
+            let offered = batch.len();
+            let fresh: Vec<NewRecord> = batch
+                .into_iter()
+                .filter(|r| !st.index.contains(&r.id) && !st.pending.contains(&r.id))
+                .collect();
+            let duplicates = offered - fresh.len();
+            let add_bytes: u64 = fresh.iter().map(|r| r.payload.len() as u64).sum();
+            self.limits.check_room(
+                st.index.held() + st.pending.len() as u64,
+                st.index.bytes + st.pending_bytes,
+                fresh.len() as u64,
+                add_bytes,
+            )?;
+            if fresh.is_empty() {
+                return Ok(Enqueued::new(durability, 0, duplicates));
+            }
+            let accepted = fresh.len();
+            let mut frames = Frames {
+                bytes: Vec::with_capacity(fresh.iter().map(|r| r.payload.len() + 192).sum()),
+                released: Vec::new(),
+            };
+            let mut placed = Vec::with_capacity(accepted);
+            for r in fresh {
+                let seq = st.index.seq();
+                let start = frames.bytes.len();
+                let payload_len = r.payload.len() as u32;
+                let enqueued_at = r.enqueued_at.unwrap_or(now);
+                let due_at = now.saturating_add(r.delay);
+                frames.push(&Entry::Enqueue {
+                    id: r.id.clone(),
+                    seq,
+                    enqueued_at,
+                    due_at,
+                    attempts: r.attempts,
+                    payload: r.payload,
+                });
+                let len = (frames.bytes.len() - start) as u32;
+                st.pending.insert(r.id.clone());
+                st.pending_bytes += u64::from(payload_len);
+                placed.push((
+                    r.id,
+                    start as u64,
+                    Live {
+                        loc: Loc {
+                            seg: 0,
+                            off: 0,
+                            len,
+                        },
+                        payload_len,
+                        attempts: r.attempts,
+                        enqueued_at,
+                        due_at,
+                        lease: None,
+                        seq,
+                        ready: false,
+                    },
+                ));
+            }
+            let shared = self.shared.clone();
+            let done: Completion = Box::new(move |r: &io::Result<Written>| {
+                let mut st = shared.state();
+                for (id, rel, mut live) in placed {
+                    st.pending.remove(&id);
+                    st.pending_bytes -= u64::from(live.payload_len);
+                    if let Ok(w) = r {
+                        live.loc.seg = w.seg;
+                        live.loc.off = w.off + rel;
+                        st.index.bytes += u64::from(live.payload_len);
+                        st.index.insert_live(id, live);
+                    }
+                }
+            });
+            let sync = self.mode == FsyncMode::Always;
+            let rx = self.send(frames, sync, accepted as u64, Some(done))?;
+            (rx, accepted, duplicates)
+        };
+        self.wait(rx, "enqueue failed").await?;
+        Ok(Enqueued::new(durability, accepted, duplicates))
     }
-    async fn lease(&self, _max: usize, _ttl: Duration) -> Result<Vec<Leased>> {
-        Err(todo_err())
+
+    async fn lease(&self, max: usize, ttl: Duration) -> Result<Vec<Leased>> {
+        if ttl.is_zero() {
+            return Err(Error::invalid_argument("ttl", "must be greater than zero"));
+        }
+        let now = self.clock.now();
+        let until = now.saturating_add(ttl);
+        let (rx, picked) = {
+            let mut st = self.state();
+            st.index.promote(now);
+            let mut frames = Frames::default();
+            let mut picked = Vec::new();
+            while picked.len() < max {
+                let Some((id, mut live)) = st.index.pop_ready() else {
+                    break;
+                };
+                if self.expired(live.enqueued_at, now) {
+                    let seq = st.index.seq();
+                    frames.push(&Entry::DeadLetter {
+                        id: id.clone(),
+                        seq,
+                        dead_at: now,
+                        attempts: live.attempts,
+                        reason: DeadReason::Expired,
+                    });
+                    st.expired_total += 1;
+                    st.index.bury(id, live, DeadReason::Expired, now, seq);
+                    continue;
+                }
+                let token = LeaseToken::generate();
+                live.attempts = live.attempts.saturating_add(1);
+                live.lease = Some((token, until));
+                frames.push(&Entry::Lease {
+                    id: id.clone(),
+                    token,
+                    lease_until: until,
+                    attempts: live.attempts,
+                });
+                picked.push(Picked {
+                    id: id.clone(),
+                    token,
+                    loc: live.loc,
+                    attempts: live.attempts,
+                    enqueued_at: live.enqueued_at,
+                });
+                st.index.insert_live(id, live);
+            }
+            if frames.bytes.is_empty() {
+                return Ok(Vec::new());
+            }
+            (self.send(frames, false, 0, None)?, picked)
+        };
+        self.wait(rx, "lease failed").await?;
+        let mut out = Vec::with_capacity(picked.len());
+        for p in picked {
+            match self.read_payload(&p.id, p.loc) {
+                Ok(payload) => out.push(Leased::new(
+                    Record::new(p.id.clone(), payload, p.attempts, p.enqueued_at),
+                    SpoolToken::new(p.id, p.token),
+                )),
+                Err(why) => self.lost_to_corruption(&p.id, p.loc, &why),
+            }
+        }
+        Ok(out)
     }
-    async fn ack(&self, _token: &SpoolToken) -> Result<()> {
-        Err(todo_err())
+
+    async fn ack(&self, token: &SpoolToken) -> Result<()> {
+        let rx = {
+            let mut st = self.state();
+            match st.index.take_owned(token.id(), token.lease()) {
+                Ok(live) => {
+                    st.index.bytes -= u64::from(live.payload_len);
+                    let mut f = Frames::default();
+                    f.push(&Entry::Ack {
+                        id: token.id().clone(),
+                    });
+                    f.released.push(live.loc.seg);
+                    self.send(f, false, 0, None)?
+                }
+                Err(NotOwner::Gone) => return Ok(()),
+                Err(NotOwner::Lost) => return Err(lost(token)),
+            }
+        };
+        self.wait(
+            rx,
+            "ack not persisted (the record may be delivered again after a restart)",
+        )
+        .await
     }
-    async fn nack(&self, _token: &SpoolToken, _retry_in: Duration) -> Result<NackOutcome> {
-        Err(todo_err())
+
+    async fn nack(&self, token: &SpoolToken, retry_in: Duration) -> Result<NackOutcome> {
+        let now = self.clock.now();
+        let (rx, out) = {
+            let mut st = self.state();
+            let mut live = st
+                .index
+                .take_owned(token.id(), token.lease())
+                .map_err(|_| lost(token))?;
+            let id = token.id().clone();
+            let mut f = Frames::default();
+            if self.expired(live.enqueued_at, now) {
+                let seq = st.index.seq();
+                f.push(&Entry::DeadLetter {
+                    id: id.clone(),
+                    seq,
+                    dead_at: now,
+                    attempts: live.attempts,
+                    reason: DeadReason::Expired,
+                });
+                st.expired_total += 1;
+                st.index.bury(id, live, DeadReason::Expired, now, seq);
+                (
+                    self.send(f, false, 0, None)?,
+                    NackOutcome::DeadLettered(DeadReason::Expired),
+                )
+            } else {
+                live.lease = None;
+                live.due_at = now.saturating_add(retry_in);
+                f.push(&Entry::Nack {
+                    id: id.clone(),
+                    due_at: live.due_at,
+                });
+                st.index.insert_live(id, live);
+                (
+                    self.send(f, false, 0, None)?,
+                    NackOutcome::Scheduled { retry_in },
+                )
+            }
+        };
+        self.wait(rx, "nack not persisted").await?;
+        Ok(out)
     }
-    async fn extend(&self, _token: &SpoolToken, _by: Duration) -> Result<()> {
-        Err(todo_err())
+
+    async fn extend(&self, token: &SpoolToken, by: Duration) -> Result<()> {
+        if by.is_zero() {
+            return Err(Error::invalid_argument("by", "must be greater than zero"));
+        }
+        let now = self.clock.now();
+        let rx = {
+            let mut st = self.state();
+            let mut live = st
+                .index
+                .take_owned(token.id(), token.lease())
+                .map_err(|_| lost(token))?;
+            let until = now.saturating_add(by);
+            live.lease = Some((token.lease(), until));
+            let mut f = Frames::default();
+            f.push(&Entry::Extend {
+                id: token.id().clone(),
+                token: token.lease(),
+                lease_until: until,
+            });
+            st.index.insert_live(token.id().clone(), live);
+            self.send(f, false, 0, None)?
+        };
+        self.wait(rx, "extend not persisted").await
     }
-    async fn dead_letter(&self, _token: &SpoolToken, _reason: DeadReason) -> Result<()> {
-        Err(todo_err())
+
+    async fn dead_letter(&self, token: &SpoolToken, reason: DeadReason) -> Result<()> {
+        let now = self.clock.now();
+        let rx = {
+            let mut st = self.state();
+            let live = st
+                .index
+                .take_owned(token.id(), token.lease())
+                .map_err(|_| lost(token))?;
+            let seq = st.index.seq();
+            let mut f = Frames::default();
+            f.push(&Entry::DeadLetter {
+                id: token.id().clone(),
+                seq,
+                dead_at: now,
+                attempts: live.attempts,
+                reason: reason.clone(),
+            });
+            if reason == DeadReason::Expired {
+                st.expired_total += 1;
+            }
+            st.index.bury(token.id().clone(), live, reason, now, seq);
+            self.send(f, false, 0, None)?
+        };
+        self.wait(rx, "dead-letter not persisted").await
     }
-    async fn list_dead(&self, _max: usize) -> Result<Vec<DeadRecord>> {
-        Err(todo_err())
+
+    async fn list_dead(&self, max: usize) -> Result<Vec<DeadRecord>> {
+        let picked: Vec<(RecordId, crate::index::Dead)> = {
+            let st = self.state();
+            st.index
+                .dead
+                .values()
+                .take(max)
+                .filter_map(|id| st.index.dead_ids.get(id).map(|d| (id.clone(), d.clone())))
+                .collect()
+        };
+        let mut out = Vec::with_capacity(picked.len());
+        for (id, d) in picked {
+            match self.read_payload(&id, d.loc) {
+                Ok(payload) => out.push(DeadRecord::new(
+                    Record::new(id, payload, d.attempts, d.enqueued_at),
+                    d.reason,
+                    d.dead_at,
+                )),
+                Err(why) => self.lost_to_corruption(&id, d.loc, &why),
+            }
+        }
+        Ok(out)
     }
-    async fn redrive_dead(&self, _max: usize) -> Result<usize> {
-        Err(todo_err())
+
+    async fn redrive_dead(&self, max: usize) -> Result<usize> {
+        let now = self.clock.now();
+        let (rx, n) = {
+            let mut st = self.state();
+            let ids: Vec<RecordId> = st.index.dead.values().take(max).cloned().collect();
+            if ids.is_empty() {
+                return Ok(0);
+            }
+            let mut f = Frames::default();
+            for id in &ids {
+                let Some(d) = st.index.remove_dead(id) else {
+                    continue;
+                };
+                let seq = st.index.seq();
+                f.push(&Entry::Redrive {
+                    id: id.clone(),
+                    seq,
+                    due_at: now,
+                });
+                st.index.insert_live(
+                    id.clone(),
+                    Live {
+                        loc: d.loc,
+                        payload_len: d.payload_len,
+                        attempts: 0,
+                        enqueued_at: d.enqueued_at,
+                        due_at: now,
+                        lease: None,
+                        seq,
+                        ready: false,
+                    },
+                );
+            }
+            (self.send(f, false, 0, None)?, ids.len())
+        };
+        self.wait(rx, "redrive not persisted").await?;
+        Ok(n)
     }
-    async fn purge_dead(&self, _max: usize) -> Result<usize> {
-        Err(todo_err())
+
+    async fn purge_dead(&self, max: usize) -> Result<usize> {
+        let (rx, n) = {
+            let mut st = self.state();
+            let ids: Vec<RecordId> = st.index.dead.values().take(max).cloned().collect();
+            if ids.is_empty() {
+                return Ok(0);
+            }
+            let mut f = Frames::default();
+            for id in &ids {
+                if let Some(d) = st.index.remove_dead(id) {
+                    st.index.bytes -= u64::from(d.payload_len);
+                    f.push(&Entry::Purge { id: id.clone() });
+                    f.released.push(d.loc.seg);
+                }
+            }
+            (self.send(f, false, 0, None)?, ids.len())
+        };
+        self.wait(rx, "purge not persisted").await?;
+        Ok(n)
     }
+
     async fn stats(&self) -> Result<SpoolStats> {
-        Err(todo_err())
+        let now = self.clock.now();
+        let st = self.state();
+        let mut stats = SpoolStats::default();
+        let mut oldest: Option<Timestamp> = None;
+        for l in st.index.live.values() {
+            match l.lease {
+                Some((_, until)) if until > now => stats.leased += 1,
+                Some(_) => stats.ready += 1,
+                None if l.due_at > now => stats.delayed += 1,
+                None => stats.ready += 1,
+            }
+            oldest = Some(oldest.map_or(l.enqueued_at, |o| o.min(l.enqueued_at)));
+        }
+        stats.dead = st.index.dead_ids.len() as u64;
+        stats.oldest_age = oldest.map(|o| now.saturating_since(o));
+        stats.bytes = st.index.bytes;
+        stats.expired_total = st.expired_total;
+        stats.quarantined_total = st.quarantined_total;
+        Ok(stats)
     }
 }

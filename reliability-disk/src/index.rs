@@ -1,0 +1,305 @@
+//! The in-memory index: per record its state and where its enqueue frame
+//! is, never its payload. Built by replaying the log, then kept up to date
+//! by the spool under its mutex.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use reliability_core::{DeadReason, LeaseToken, RecordId, Timestamp};
+
+use crate::codec::Entry;
+
+/// Where a record's enqueue frame is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Loc {
+    pub(crate) seg: u32,
+    pub(crate) off: u64,
+    pub(crate) len: u32,
+}
+
+/// A live (ready, delayed or leased) record.
+#[derive(Debug, Clone)]
+pub(crate) struct Live {
+    pub(crate) loc: Loc,
+    pub(crate) payload_len: u32,
+    pub(crate) attempts: u32,
+    pub(crate) enqueued_at: Timestamp,
+    pub(crate) due_at: Timestamp,
+    pub(crate) lease: Option<(LeaseToken, Timestamp)>,
+    pub(crate) seq: u64,
+    /// Indexed in `ready`, not `waiting`.
+    pub(crate) ready: bool,
+}
+
+impl Live {
+    /// Its key in the waiting index: the lease end while leased, else the
+    /// due time.
+    fn due_key(&self) -> Timestamp {
+        self.lease.map_or(self.due_at, |(_, until)| until)
+    }
+}
+
+/// A dead record.
+#[derive(Debug, Clone)]
+pub(crate) struct Dead {
+    pub(crate) loc: Loc,
+    pub(crate) payload_len: u32,
+    pub(crate) attempts: u32,
+    pub(crate) enqueued_at: Timestamp,
+    pub(crate) reason: DeadReason,
+    pub(crate) dead_at: Timestamp,
+    pub(crate) seq: u64,
+}
+
+/// Why an owner check failed.
+pub(crate) enum NotOwner {
+    /// No record with this id at all (acked, or purged from dead).
+    Gone,
+    /// The record is dead, or held by another lease or none.
+    Lost,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct Index {
+    pub(crate) live: HashMap<RecordId, Live>,
+    /// `(due key, seq, id)` of live records not yet found due.
+    waiting: BTreeSet<(Timestamp, u64, RecordId)>,
+    /// `(enqueued_at, seq, id)` of live records found due: oldest first.
+    ready: BTreeSet<(Timestamp, u64, RecordId)>,
+    /// Dead records by the order they died.
+    pub(crate) dead: BTreeMap<u64, RecordId>,
+    pub(crate) dead_ids: HashMap<RecordId, Dead>,
+    /// Payload bytes held, dead records included.
+    pub(crate) bytes: u64,
+    pub(crate) next_seq: u64,
+}
+
+impl Index {
+    pub(crate) fn seq(&mut self) -> u64 {
+        let s = self.next_seq;
+        self.next_seq += 1;
+        s
+    }
+
+    fn saw_seq(&mut self, seq: u64) {
+        self.next_seq = self.next_seq.max(seq.saturating_add(1));
+    }
+
+    pub(crate) fn held(&self) -> u64 {
+        (self.live.len() + self.dead_ids.len()) as u64
+    }
+
+    pub(crate) fn contains(&self, id: &RecordId) -> bool {
+        self.live.contains_key(id) || self.dead_ids.contains_key(id)
+    }
+
+    /// Stores a live record as waiting until its due key.
+    pub(crate) fn insert_live(&mut self, id: RecordId, mut live: Live) {
+        live.ready = false;
+        self.waiting.insert((live.due_key(), live.seq, id.clone()));
+        self.live.insert(id, live);
+    }
+
+    /// Removes a live record from the map and its index.
+    pub(crate) fn take_live(&mut self, id: &RecordId) -> Option<Live> {
+        let live = self.live.remove(id)?;
+        if live.ready {
+            self.ready.remove(&(live.enqueued_at, live.seq, id.clone()));
+        } else {
+            self.waiting.remove(&(live.due_key(), live.seq, id.clone()));
+        }
+        Some(live)
+    }
+
+    /// Moves every waiting record that is due at `now` to `ready`.
+    pub(crate) fn promote(&mut self, now: Timestamp) {
+        while self.waiting.first().is_some_and(|(due, _, _)| *due <= now) {
+            let Some((_, seq, id)) = self.waiting.pop_first() else {
+                break;
+            };
+            if let Some(live) = self.live.get_mut(&id) {
+                live.ready = true;
+                self.ready.insert((live.enqueued_at, seq, id));
+            }
+        }
+    }
+
+    /// The oldest due record, taken out of the index.
+    pub(crate) fn pop_ready(&mut self) -> Option<(RecordId, Live)> {
+        while let Some((_, _, id)) = self.ready.pop_first() {
+            if let Some(live) = self.live.remove(&id) {
+                return Some((id, live));
+            }
+        }
+        None
+    }
+
+    /// Checks that `token` still holds `id`, and takes the record out of
+    /// the index (the caller puts it back or moves it).
+    pub(crate) fn take_owned(
+        &mut self,
+        id: &RecordId,
+        token: LeaseToken,
+    ) -> Result<Live, NotOwner> {
+        match self.live.get(id) {
+            Some(l) if matches!(l.lease, Some((t, _)) if t == token) => {}
+            Some(_) => return Err(NotOwner::Lost),
+            None if self.dead_ids.contains_key(id) => return Err(NotOwner::Lost),
+            None => return Err(NotOwner::Gone),
+        }
+        self.take_live(id).ok_or(NotOwner::Gone)
+    }
+
+    pub(crate) fn bury(
+        &mut self,
+        id: RecordId,
+        live: Live,
+        reason: DeadReason,
+        dead_at: Timestamp,
+        seq: u64,
+    ) {
+        self.saw_seq(seq);
+        self.dead.insert(seq, id.clone());
+        self.dead_ids.insert(
+            id,
+            Dead {
+                loc: live.loc,
+                payload_len: live.payload_len,
+                attempts: live.attempts,
+                enqueued_at: live.enqueued_at,
+                reason,
+                dead_at,
+                seq,
+            },
+        );
+    }
+
+    pub(crate) fn remove_dead(&mut self, id: &RecordId) -> Option<Dead> {
+        let dead = self.dead_ids.remove(id)?;
+        self.dead.remove(&dead.seq);
+        Some(dead)
+    }
+
+    /// Replays one entry read from the log (`loc` is where it sits; it
+    /// matters for enqueue frames only). Entries about unknown records (their
+    /// enqueue frame was compacted away or quarantined) are ignored.
+    pub(crate) fn apply(&mut self, entry: &Entry, loc: Loc, payload_len: u32) {
+        match entry {
+            Entry::Enqueue {
+                id,
+                seq,
+                enqueued_at,
+                due_at,
+                attempts,
+                ..
+            } => {
+                // A second enqueue frame for a known id (a write whose sync
+                // failed, then a retry) replaces the first.
+                if let Some(old) = self.take_live(id) {
+                    self.bytes -= u64::from(old.payload_len);
+                }
+                if let Some(old) = self.remove_dead(id) {
+                    self.bytes -= u64::from(old.payload_len);
+                }
+                self.saw_seq(*seq);
+                self.bytes += u64::from(payload_len);
+                self.insert_live(
+                    id.clone(),
+                    Live {
+                        loc,
+                        payload_len,
+                        attempts: *attempts,
+                        enqueued_at: *enqueued_at,
+                        due_at: *due_at,
+                        lease: None,
+                        seq: *seq,
+                        ready: false,
+                    },
+                );
+            }
+            Entry::Lease {
+                id,
+                token,
+                lease_until,
+                attempts,
+            } => {
+                if let Some(mut l) = self.take_live(id) {
+                    l.lease = Some((*token, *lease_until));
+                    l.attempts = *attempts;
+                    self.insert_live(id.clone(), l);
+                }
+            }
+            Entry::Ack { id } => {
+                if let Some(l) = self.take_live(id) {
+                    self.bytes -= u64::from(l.payload_len);
+                }
+            }
+            Entry::Nack { id, due_at } => {
+                if let Some(mut l) = self.take_live(id) {
+                    l.lease = None;
+                    l.due_at = *due_at;
+                    self.insert_live(id.clone(), l);
+                }
+            }
+            Entry::Extend {
+                id,
+                token,
+                lease_until,
+            } => {
+                if let Some(mut l) = self.take_live(id) {
+                    if matches!(l.lease, Some((t, _)) if t == *token) {
+                        l.lease = Some((*token, *lease_until));
+                    }
+                    self.insert_live(id.clone(), l);
+                }
+            }
+            Entry::DeadLetter {
+                id,
+                seq,
+                dead_at,
+                attempts,
+                reason,
+            } => {
+                if let Some(mut l) = self.take_live(id) {
+                    l.attempts = *attempts;
+                    self.bury(id.clone(), l, reason.clone(), *dead_at, *seq);
+                }
+            }
+            Entry::Redrive { id, seq, due_at } => {
+                if let Some(d) = self.remove_dead(id) {
+                    self.saw_seq(*seq);
+                    self.insert_live(
+                        id.clone(),
+                        Live {
+                            loc: d.loc,
+                            payload_len: d.payload_len,
+                            attempts: 0,
+                            enqueued_at: d.enqueued_at,
+                            due_at: *due_at,
+                            lease: None,
+                            seq: *seq,
+                            ready: false,
+                        },
+                    );
+                }
+            }
+            Entry::Purge { id } => {
+                if let Some(d) = self.remove_dead(id) {
+                    self.bytes -= u64::from(d.payload_len);
+                }
+            }
+            Entry::Pad { .. } => {}
+        }
+    }
+
+    /// Records (live and dead) per segment of their enqueue frame.
+    pub(crate) fn records_per_segment(&self) -> BTreeMap<u32, u64> {
+        let mut m = BTreeMap::new();
+        for l in self.live.values() {
+            *m.entry(l.loc.seg).or_insert(0) += 1;
+        }
+        for d in self.dead_ids.values() {
+            *m.entry(d.loc.seg).or_insert(0) += 1;
+        }
+        m
+    }
+}

@@ -1,0 +1,340 @@
+//! The writer thread: group commit, segment rolls and compaction.
+//!
+//! Callers queue [`WriteReq`]s on a channel (under the spool's state mutex,
+//! so log order is state-change order). The thread takes everything queued,
+//! writes it in one `write`, syncs once if any request needs it, then runs
+//! each request's completion and wakes its caller. On a failed write the
+//! segment is truncated back to where the batch began and every request of
+//! the batch fails: the log never holds a partial batch followed by more.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::FileExt as _;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::sync::oneshot;
+
+use crate::recover::{segment_header, segment_path, segments_dir, sync_dir, SEG_HEADER_LEN};
+use crate::spool::{FsyncMode, ReadFiles};
+
+/// Largest batch the writer gathers before writing.
+const MAX_BATCH_BYTES: usize = 8 * 1024 * 1024;
+
+/// Where a request's bytes landed.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Written {
+    pub(crate) seg: u32,
+    pub(crate) off: u64,
+}
+
+/// Runs on the writer thread once the request is written (and synced if it
+/// asked), or failed.
+pub(crate) type Completion = Box<dyn FnOnce(&io::Result<Written>) + Send>;
+
+pub(crate) struct WriteReq {
+    pub(crate) bytes: Vec<u8>,
+    /// Reply only after a sync covers these bytes.
+    pub(crate) sync: bool,
+    /// Records enqueued by these bytes (they now pin the segment).
+    pub(crate) enqueued: u64,
+    /// Segments each losing one record (acked or purged).
+    pub(crate) released: Vec<u32>,
+    pub(crate) done: Option<Completion>,
+    pub(crate) reply: Option<oneshot::Sender<io::Result<Written>>>,
+}
+
+pub(crate) enum Cmd {
+    Write(WriteReq),
+    /// Sync everything and stop.
+    Close(oneshot::Sender<io::Result<()>>),
+}
+
+pub(crate) struct Writer {
+    pub(crate) dir: PathBuf,
+    pub(crate) mode: FsyncMode,
+    pub(crate) segment_max: u64,
+    pub(crate) seg: u32,
+    pub(crate) file: File,
+    pub(crate) len: u64,
+    /// Records pinning each segment (live or dead), every segment listed.
+    pub(crate) counts: BTreeMap<u32, u64>,
+    pub(crate) files: Arc<ReadFiles>,
+    pub(crate) fault: Option<Arc<AtomicU64>>,
+    dirty: bool,
+    last_sync: Instant,
+    buf: Vec<u8>,
+}
+
+impl Writer {
+    pub(crate) fn new(
+        dir: PathBuf,
+        mode: FsyncMode,
+        segment_max: u64,
+        active: (u32, u64),
+        counts: BTreeMap<u32, u64>,
+        files: Arc<ReadFiles>,
+        fault: Option<Arc<AtomicU64>>,
+    ) -> io::Result<Self> {
+        let (seg, len) = active;
+        let file = OpenOptions::new()
+            .write(true)
+            .open(segment_path(&dir, seg))?;
+        let mut counts = counts;
+        counts.entry(seg).or_insert(0);
+        Ok(Self {
+            dir,
+            mode,
+            segment_max: segment_max.max(SEG_HEADER_LEN + 1),
+            seg,
+            file,
+            len,
+            counts,
+            files,
+            fault,
+            dirty: false,
+            last_sync: Instant::now(),
+            buf: Vec::new(),
+        })
+    }
+
+    pub(crate) fn run(mut self, rx: Receiver<Cmd>) {
+        let mut batch: Vec<WriteReq> = Vec::new();
+        loop {
+            let first = match self.interval_deadline() {
+                Some(deadline) => {
+                    match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                        Ok(c) => c,
+                        Err(RecvTimeoutError::Timeout) => {
+                            self.sync_quietly();
+                            continue;
+                        }
+                        Err(RecvTimeoutError::Disconnected) => break,
+                    }
+                }
+                None => match rx.recv() {
+                    Ok(c) => c,
+                    Err(_) => break,
+                },
+            };
+            let mut close = None;
+            let mut bytes = 0;
+            let mut next = Some(first);
+            while let Some(cmd) = next.take() {
+                match cmd {
+                    Cmd::Write(req) => {
+                        bytes += req.bytes.len();
+                        batch.push(req);
+                    }
+                    Cmd::Close(tx) => {
+                        close = Some(tx);
+                        break;
+                    }
+                }
+                if bytes >= MAX_BATCH_BYTES {
+                    break;
+                }
+                next = match rx.try_recv() {
+                    Ok(c) => Some(c),
+                    Err(TryRecvError::Empty | TryRecvError::Disconnected) => None,
+                };
+            }
+            if !batch.is_empty() {
+                self.commit(&mut batch);
+            }
+            if let Some(tx) = close {
+                let r = self.finish();
+                let _ = tx.send(r);
+                return;
+            }
+        }
+        let _ = self.finish();
+    }
+
+    fn interval_deadline(&self) -> Option<Instant> {
+        match self.mode {
+            FsyncMode::Interval(d) if self.dirty => Some(self.last_sync + d),
+            _ => None,
+        }
+    }
+
+    fn sync(&mut self) -> io::Result<()> {
+        if self.dirty {
+            self.file.sync_data()?;
+            self.dirty = false;
+        }
+        self.last_sync = Instant::now();
+        Ok(())
+    }
+
+    fn sync_quietly(&mut self) {
+        if let Err(e) = self.sync() {
+            tracing::error!(error = %e, "disk spool: periodic sync failed");
+        }
+    }
+
+    fn finish(&mut self) -> io::Result<()> {
+        self.dirty = true;
+        self.sync()?;
+        sync_dir(&segments_dir(&self.dir))
+    }
+
+    fn write_all(&mut self) -> io::Result<()> {
+        if let Some(f) = &self.fault {
+            let left = f.load(Ordering::Acquire);
+            let n = self.buf.len() as u64;
+            if n > left {
+                return Err(io::Error::new(
+                    io::ErrorKind::StorageFull,
+                    "no space left on device (injected)",
+                ));
+            }
+            f.fetch_sub(n, Ordering::AcqRel);
+        }
+        self.file.write_all_at(&self.buf, self.len)
+    }
+
+    fn commit(&mut self, batch: &mut Vec<WriteReq>) {
+        if self.len >= self.segment_max {
+            if let Err(e) = self.roll() {
+                tracing::error!(error = %e, "disk spool: cannot start a new segment");
+                self.fail(batch, &e);
+                return;
+            }
+        }
+        self.buf.clear();
+        let start = self.len;
+        let mut offs = Vec::with_capacity(batch.len());
+        for req in batch.iter() {
+            offs.push(start + self.buf.len() as u64);
+            self.buf.extend_from_slice(&req.bytes);
+        }
+        if let Err(e) = self.write_all() {
+            tracing::error!(error = %e, segment = self.seg, "disk spool: write failed");
+            // Put the segment back as it was before the batch.
+            let undo = self.file.set_len(start);
+            if let Err(u) = undo {
+                tracing::error!(error = %u, "disk spool: cannot truncate a failed write");
+            }
+            self.fail(batch, &e);
+            return;
+        }
+        self.len += self.buf.len() as u64;
+        self.dirty = true;
+        let needs_sync = batch.iter().any(|r| r.sync);
+        // Requests that need no sync are answered before it.
+        let mut synced_later = Vec::new();
+        for (req, off) in batch.drain(..).zip(offs) {
+            let w = Written { seg: self.seg, off };
+            if req.sync {
+                synced_later.push((req, w));
+            } else {
+                self.finish_req(req, Ok(w));
+            }
+        }
+        if needs_sync {
+            match self.sync() {
+                Ok(()) => {
+                    for (req, w) in synced_later {
+                        self.finish_req(req, Ok(w));
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "disk spool: sync failed");
+                    for (req, _) in synced_later {
+                        let e = io::Error::new(e.kind(), format!("sync failed: {e}"));
+                        self.finish_req(req, Err(e));
+                    }
+                }
+            }
+        } else if let FsyncMode::Interval(d) = self.mode {
+            if self.last_sync.elapsed() >= d {
+                self.sync_quietly();
+            }
+        }
+        self.compact();
+    }
+
+    fn fail(&mut self, batch: &mut Vec<WriteReq>, e: &io::Error) {
+        for req in batch.drain(..) {
+            self.finish_req(req, Err(io::Error::new(e.kind(), e.to_string())));
+        }
+        self.compact();
+    }
+
+    fn finish_req(&mut self, mut req: WriteReq, r: io::Result<Written>) {
+        if let Ok(w) = &r {
+            *self.counts.entry(w.seg).or_insert(0) += req.enqueued;
+        }
+        for s in req.released.drain(..) {
+            if let Some(c) = self.counts.get_mut(&s) {
+                *c = c.saturating_sub(1);
+            }
+        }
+        if let Some(done) = req.done.take() {
+            done(&r);
+        }
+        if let Some(tx) = req.reply.take() {
+            let _ = tx.send(r);
+        }
+    }
+
+    /// Seals the active segment (synced) and starts the next one.
+    fn roll(&mut self) -> io::Result<()> {
+        self.file.sync_data()?;
+        self.dirty = false;
+        let next = self.seg + 1;
+        let path = segment_path(&self.dir, next);
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)?;
+        f.write_all(&segment_header(next))?;
+        f.sync_all()?;
+        sync_dir(&segments_dir(&self.dir))?;
+        self.file = f;
+        self.seg = next;
+        self.len = SEG_HEADER_LEN;
+        self.counts.entry(next).or_insert(0);
+        tracing::debug!(segment = next, "disk spool: new segment");
+        Ok(())
+    }
+
+    /// Deletes the oldest sealed segments that no record pins, after the
+    /// frames that unpinned them are synced; syncs the directory after.
+    fn compact(&mut self) {
+        loop {
+            let Some((&oldest, &count)) = self.counts.first_key_value() else {
+                return;
+            };
+            if count > 0 || oldest >= self.seg {
+                return;
+            }
+            if let Err(e) = self.sync() {
+                tracing::error!(error = %e, "disk spool: sync before compaction failed");
+                return;
+            }
+            let path = segment_path(&self.dir, oldest);
+            match fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    tracing::error!(error = %e, segment = oldest, "disk spool: cannot delete segment");
+                    return;
+                }
+            }
+            if let Err(e) = sync_dir(&segments_dir(&self.dir)) {
+                tracing::error!(error = %e, "disk spool: directory sync after compaction failed");
+                return;
+            }
+            self.counts.remove(&oldest);
+            self.files.forget(oldest);
+            tracing::debug!(segment = oldest, "disk spool: segment compacted");
+        }
+    }
+}
