@@ -1,32 +1,58 @@
-//! The rate limiter suite on `Fallback` pairings: the functional contract is
+//! The conformance suites on `Fallback` pairings: the functional contract is
 //! the same whichever side answers. Closed: the primary answers; isolated:
-//! the secondary answers under the default policy (local share of one
-//! replica = the full quota). The Redis pairings (primary killed, breaker
-//! open) run in the Redis crate's tests.
+//! the secondary answers (for the limiter under the default policy, a local
+//! share of one replica = the full quota). The Redis pairings (primary
+//! killed, breaker open) run with the Redis backends.
 
 use std::sync::Arc;
 
 use reliability::fallback::{Breaker, BreakerConfig, Fallback};
-use reliability::memory::LocalRateLimiter;
-use reliability::{rate_limiter_suite, ManualClock};
+use reliability::memory::{LocalRateLimiter, MemoryIdempotencyStore};
+use reliability::{idempotency_suite, rate_limiter_suite, ManualClock};
 
-fn pair(clock: ManualClock, isolate: bool) -> Fallback<LocalRateLimiter, LocalRateLimiter> {
-    let shared = Arc::new(clock);
-    let breaker = Arc::new(Breaker::new(BreakerConfig::default(), shared.clone()));
+fn breaker(clock: &Arc<ManualClock>, isolate: bool) -> Arc<Breaker> {
+    let b = Arc::new(Breaker::new(BreakerConfig::default(), clock.clone()));
     if isolate {
-        breaker.isolate();
+        b.isolate();
     }
-    let primary = LocalRateLimiter::builder().clock(shared.clone()).build();
-    let secondary = LocalRateLimiter::builder().clock(shared).build();
-    Fallback::new(primary, secondary, breaker)
+    b
+}
+
+fn limiters(clock: ManualClock, isolate: bool) -> Fallback<LocalRateLimiter, LocalRateLimiter> {
+    let clock = Arc::new(clock);
+    let primary = LocalRateLimiter::builder().clock(clock.clone()).build();
+    let secondary = LocalRateLimiter::builder().clock(clock.clone()).build();
+    Fallback::new(primary, secondary, breaker(&clock, isolate))
+}
+
+fn stores(
+    clock: ManualClock,
+    isolate: bool,
+) -> Fallback<MemoryIdempotencyStore, MemoryIdempotencyStore> {
+    let clock = Arc::new(clock);
+    let primary = MemoryIdempotencyStore::builder()
+        .clock(clock.clone())
+        .build();
+    let secondary = MemoryIdempotencyStore::builder()
+        .clock(clock.clone())
+        .build();
+    Fallback::new(primary, secondary, breaker(&clock, isolate))
 }
 
 mod closed {
     use super::*;
-    rate_limiter_suite!(|clock: ManualClock| async move { pair(clock, false) });
+    rate_limiter_suite!(|clock: ManualClock| async move { limiters(clock, false) });
+    mod idempotency {
+        use super::*;
+        idempotency_suite!(|clock: ManualClock| async move { stores(clock, false) });
+    }
 }
 
 mod isolated {
     use super::*;
-    rate_limiter_suite!(|clock: ManualClock| async move { pair(clock, true) });
+    rate_limiter_suite!(|clock: ManualClock| async move { limiters(clock, true) });
+    mod idempotency {
+        use super::*;
+        idempotency_suite!(|clock: ManualClock| async move { stores(clock, true) });
+    }
 }

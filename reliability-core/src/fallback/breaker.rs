@@ -210,6 +210,11 @@ impl Breaker {
         self.changes.subscribe()
     }
 
+    /// The clock that stamps transitions (and times the fallbacks' journals).
+    pub fn clock(&self) -> &SharedClock {
+        &self.clock
+    }
+
     /// The configuration.
     pub fn config(&self) -> &BreakerConfig {
         &self.config

@@ -10,9 +10,11 @@
 //! Caller errors (bad key, too large, lost lease) are returned as they are:
 //! the secondary would give the same answer.
 //!
-//! This release implements [`RateLimiter`] for `Fallback` with an explicit
-//! [`RateLimitPolicy`]; the idempotency and spool pairings, with failback
-//! reconciliation, build on the same [`Fallback::call`] routing.
+//! `Fallback` implements [`RateLimiter`] with an explicit
+//! [`RateLimitPolicy`], and [`IdempotencyStore`](crate::IdempotencyStore)
+//! with a journal of the claims the secondary answered, replayed to the
+//! primary by [`Fallback::reconcile`] (see `fallback/idempotency.rs`). The
+//! spool pairing builds on the same [`Fallback::call`] routing.
 //!
 //! ```
 //! # #[tokio::main(flavor = "current_thread")]
@@ -39,8 +41,10 @@
 //! ```
 
 mod breaker;
+mod idempotency;
 
 pub use breaker::{Breaker, BreakerConfig, Probe, ProbeTask};
+pub use idempotency::ReconcileReport;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -111,6 +115,7 @@ pub struct Fallback<P, S> {
     breaker: Arc<Breaker>,
     deadline: Duration,
     rate_limit_policy: RateLimitPolicy,
+    journal: Arc<idempotency::Journal>,
 }
 
 impl<P, S> Fallback<P, S> {
@@ -123,6 +128,7 @@ impl<P, S> Fallback<P, S> {
             breaker,
             deadline: DEFAULT_DEADLINE,
             rate_limit_policy: RateLimitPolicy::default(),
+            journal: Arc::default(),
         }
     }
 
