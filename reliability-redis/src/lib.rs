@@ -4,6 +4,9 @@
 //! | type | primitive | layout |
 //! |---|---|---|
 //! | [`RedisClient`] | connections, deadlines, error mapping | — |
+//! | [`RedisIdempotencyStore`] | idempotency | one hash per key, one script per operation ([layout](idempotency)) |
+//! | [`RedisRateLimiter`] | rate limiting | one TAT string per key, one GCRA script ([layout](rate_limit)) |
+//! | [`RedisSpool`] | store and forward | Redis Streams, see [`RedisSpool`] |
 //!
 //! Time comes from the Redis server (`TIME`, read inside the scripts): one
 //! clock authority for every replica, no client clock skew.
@@ -17,10 +20,15 @@
 
 pub mod client;
 mod error;
+pub mod idempotency;
+pub mod rate_limit;
+mod script;
 mod spool;
 
 #[cfg(feature = "test-harness")]
 pub mod harness;
 
 pub use client::{Mode, RedisClient};
+pub use idempotency::{RedisIdempotencyStore, RedisIdempotencyStoreBuilder};
+pub use rate_limit::{RedisRateLimiter, RedisRateLimiterBuilder};
 pub use spool::{RedisSpool, RedisSpoolBuilder};

@@ -1,0 +1,355 @@
+//! [`RedisIdempotencyStore`]: claims shared by every replica through Redis.
+//!
+//! # Layout
+//!
+//! One hash per key, `{prefix}:idem:{namespace}:{id}` (long ids hashed, see
+//! [`KeySpace::key`]):
+//!
+//! | field | value |
+//! |---|---|
+//! | `st` | `p` (pending) or `c` (completed) |
+//! | `fp` | the 32-byte payload fingerprint |
+//! | `tok` | the owner's lease token (32 hex digits) |
+//! | `exp` | logical expiry, µs since the epoch (Redis time) |
+//! | `res` | the stored result; absent for "no result" |
+//!
+//! Each operation is one Lua script touching one key (Cluster-safe), so a
+//! claim, a completion, a release and an extension are atomic and
+//! owner-checked: a stale lease gets [`Error::LeaseLost`] and changes
+//! nothing. The scripts read `now` from Redis `TIME` — one clock for every
+//! replica — and compare it with `exp`; `PEXPIRE` only cleans up keys
+//! physically once they are logically gone.
+//!
+//! ```no_run
+//! # async fn demo(client: reliability_redis::RedisClient) -> reliability_core::Result<()> {
+//! use reliability_core::{Claim, Fingerprint, IdempotencyStore};
+//! use reliability_redis::RedisIdempotencyStore;
+//! use std::time::Duration;
+//!
+//! let store = RedisIdempotencyStore::new(client);
+//! if let Claim::Acquired(lease) = store.claim("evt_1", &Fingerprint::of(b"{}"), Duration::from_secs(30)).await? {
+//!     store.complete(&lease, Some("200 OK".into()), Duration::from_secs(86_400)).await?;
+//! }
+//! # Ok(()) }
+//! ```
+
+use std::fmt;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use deadpool_redis::redis::{Script, Value};
+use reliability_core::clock::duration_micros;
+use reliability_core::idempotency::{
+    check_lease_duration, check_result_size, DEFAULT_MAX_RESULT_BYTES,
+};
+use reliability_core::{
+    Capabilities, Claim, Error, Fingerprint, IdempotencyStore, Lease, LeaseToken, Primitive,
+    Result, SharedClock,
+};
+
+use crate::client::RedisClient;
+use crate::error::{unexpected, BACKEND};
+use crate::script::{int, now_arg, LUA_NOW};
+
+/// Physical TTL added to keys when a test clock override is set: real time
+/// and the override diverge, and a key must never vanish before the
+/// override says it expired.
+pub(crate) const OVERRIDE_MARGIN_MS: u64 = 3_600_000;
+
+const CODE_ACQUIRED: i64 = 1;
+const CODE_IN_PROGRESS: i64 = 2;
+const CODE_COMPLETED: i64 = 3;
+const CODE_MISMATCH: i64 = 4;
+const CODE_WRONG_TYPE: i64 = -1;
+
+/// Physical TTL in ms for a logical lifetime of `us` microseconds.
+const LUA_PTTL: &str = r"
+local function pttl(us)
+  return math.ceil(us / 1000) + tonumber(ARGV[2])
+end
+";
+
+// ARGV: now ('' = TIME), margin_ms, fp, token, lease_us
+const CLAIM: &str = r"
+local key = KEYS[1]
+local h = redis.call('HMGET', key, 'st', 'fp', 'exp', 'res')
+if not h[1] then
+  if redis.call('EXISTS', key) == 1 then return {-1} end
+elseif tonumber(h[3]) and tonumber(h[3]) > now then
+  if h[2] ~= ARGV[3] then return {4} end
+  if h[1] == 'p' then return {2, tonumber(h[3]) - now} end
+  if h[4] then return {3, 1, h[4]} end
+  return {3, 0}
+elseif h[1] ~= 'p' and h[1] ~= 'c' then
+  return {-1}
+end
+local lease = tonumber(ARGV[5])
+redis.call('DEL', key)
+redis.call('HSET', key, 'st', 'p', 'fp', ARGV[3], 'tok', ARGV[4],
+  'exp', string.format('%.0f', now + lease))
+redis.call('PEXPIRE', key, pttl(lease))
+return {1}
+";
+
+/// Shared prologue of the owner operations: 1 if `ARGV[3]` holds a pending,
+/// unexpired claim of `KEYS[1]`, else returns 0 (lease lost).
+const LUA_OWNER: &str = r"
+local key = KEYS[1]
+local h = redis.call('HMGET', key, 'st', 'tok', 'exp')
+if h[1] ~= 'p' or h[2] ~= ARGV[3] or not tonumber(h[3]) or tonumber(h[3]) <= now then
+  if not h[1] and redis.call('EXISTS', key) == 1 then return -1 end
+  return 0
+end
+";
+
+// ARGV: now, margin_ms, token, retention_us, has_result ('1'/'0'), result
+const COMPLETE_BODY: &str = r"
+local retention = tonumber(ARGV[4])
+redis.call('HSET', key, 'st', 'c', 'exp', string.format('%.0f', now + retention))
+if ARGV[5] == '1' then
+  redis.call('HSET', key, 'res', ARGV[6])
+else
+  redis.call('HDEL', key, 'res')
+end
+redis.call('PEXPIRE', key, pttl(retention))
+return 1
+";
+
+// ARGV: now, margin_ms, token
+const RELEASE_BODY: &str = r"
+redis.call('DEL', key)
+return 1
+";
+
+// ARGV: now, margin_ms, token, by_us
+const EXTEND_BODY: &str = r"
+local by = tonumber(ARGV[4])
+redis.call('HSET', key, 'exp', string.format('%.0f', now + by))
+redis.call('PEXPIRE', key, pttl(by))
+return 1
+";
+
+struct Scripts {
+    claim: Script,
+    complete: Script,
+    release: Script,
+    extend: Script,
+}
+
+impl Scripts {
+    fn new() -> Self {
+        let owner = |body: &str| Script::new(&format!("{LUA_NOW}{LUA_PTTL}{LUA_OWNER}{body}"));
+        Self {
+            claim: Script::new(&format!("{LUA_NOW}{LUA_PTTL}{CLAIM}")),
+            complete: owner(COMPLETE_BODY),
+            release: owner(RELEASE_BODY),
+            extend: owner(EXTEND_BODY),
+        }
+    }
+}
+
+/// An [`IdempotencyStore`] in Redis: exactly one `Acquired` per key across
+/// every process that shares the Redis.
+///
+/// See the [module docs](self) for the layout and an example.
+pub struct RedisIdempotencyStore {
+    client: RedisClient,
+    scripts: Scripts,
+    max_result_bytes: usize,
+    clock_override: Option<SharedClock>,
+}
+
+impl fmt::Debug for RedisIdempotencyStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisIdempotencyStore")
+            .field("client", &self.client)
+            .field("max_result_bytes", &self.max_result_bytes)
+            .field("clock_override", &self.clock_override.is_some())
+            .finish()
+    }
+}
+
+/// Builds a [`RedisIdempotencyStore`]; see [`RedisIdempotencyStore::builder`].
+#[derive(Debug)]
+#[must_use]
+pub struct RedisIdempotencyStoreBuilder {
+    client: RedisClient,
+    max_result_bytes: usize,
+    clock_override: Option<SharedClock>,
+}
+
+impl RedisIdempotencyStoreBuilder {
+    /// The largest result `complete` stores, checked before sending.
+    /// Default [`DEFAULT_MAX_RESULT_BYTES`] (1 MiB).
+    pub fn max_result_bytes(mut self, n: usize) -> Self {
+        self.max_result_bytes = n;
+        self
+    }
+
+    /// **Tests only.** The scripts take `now` from `clock` instead of Redis
+    /// `TIME` (see [`RedisClient::with_clock_override`]).
+    pub fn clock_override(mut self, clock: SharedClock) -> Self {
+        self.clock_override = Some(clock);
+        self
+    }
+
+    /// Builds the store.
+    pub fn build(self) -> RedisIdempotencyStore {
+        let clock_override = self
+            .clock_override
+            .or_else(|| self.client.clock_override().cloned());
+        RedisIdempotencyStore {
+            client: self.client,
+            scripts: Scripts::new(),
+            max_result_bytes: self.max_result_bytes,
+            clock_override,
+        }
+    }
+}
+
+impl RedisIdempotencyStore {
+    /// A store on `client` with default settings.
+    pub fn new(client: RedisClient) -> Self {
+        Self::builder(client).build()
+    }
+
+    /// A builder, to set the result limit or a test clock.
+    pub fn builder(client: RedisClient) -> RedisIdempotencyStoreBuilder {
+        RedisIdempotencyStoreBuilder {
+            client,
+            max_result_bytes: DEFAULT_MAX_RESULT_BYTES,
+            clock_override: None,
+        }
+    }
+
+    /// The client this store uses.
+    pub fn client(&self) -> &RedisClient {
+        &self.client
+    }
+
+    fn key(&self, id: &str) -> Result<String> {
+        self.client.key_space().key(Primitive::Idempotency, id)
+    }
+
+    /// `[now, margin_ms]`, the first two arguments of every script.
+    fn base_args(&self) -> Vec<Vec<u8>> {
+        let margin = if self.clock_override.is_some() {
+            OVERRIDE_MARGIN_MS
+        } else {
+            0
+        };
+        vec![
+            now_arg(self.clock_override.as_ref()),
+            margin.to_string().into_bytes(),
+        ]
+    }
+
+    /// Runs an owner-checked script: `Ok` if the lease held the key.
+    async fn owned(&self, script: &Script, lease: &Lease, extra: Vec<Vec<u8>>) -> Result<()> {
+        let key = self.key(lease.key())?;
+        let mut args = self.base_args();
+        args.push(lease.token().to_string().into_bytes());
+        args.extend(extra);
+        let keys = [key];
+        let reply = self.client.invoke(script, &keys, &args).await?;
+        match int(&reply) {
+            Some(1) => Ok(()),
+            Some(0) => Err(Error::lease_lost(lease.key())),
+            Some(CODE_WRONG_TYPE) => Err(wrong_type(&keys[0])),
+            _ => Err(unexpected(&keys[0], reply)),
+        }
+    }
+}
+
+fn wrong_type(key: &str) -> Error {
+    Error::WrongType {
+        backend: BACKEND,
+        key: key.to_string(),
+    }
+}
+
+fn positive_us(d: Duration) -> Vec<u8> {
+    duration_micros(d).max(1).to_string().into_bytes()
+}
+
+#[async_trait]
+impl IdempotencyStore for RedisIdempotencyStore {
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::new(BACKEND).with_distributed(true)
+    }
+
+    async fn claim(&self, key: &str, fingerprint: &Fingerprint, lease: Duration) -> Result<Claim> {
+        let redis_key = self.key(key)?;
+        check_lease_duration("lease", lease)?;
+        let token = LeaseToken::generate();
+        let mut args = self.base_args();
+        args.push(fingerprint.as_bytes().to_vec());
+        args.push(token.to_string().into_bytes());
+        args.push(positive_us(lease));
+        let keys = [redis_key];
+        let reply = self
+            .client
+            .invoke(&self.scripts.claim, &keys, &args)
+            .await?;
+        let items = match &reply {
+            Value::Array(items) => items.as_slice(),
+            _ => return Err(unexpected(&keys[0], reply)),
+        };
+        match items.first().and_then(int) {
+            Some(CODE_ACQUIRED) => Ok(Claim::Acquired(Lease::new(key, token))),
+            Some(CODE_IN_PROGRESS) => {
+                let left = items.get(1).and_then(int).unwrap_or(0);
+                Ok(Claim::InProgress {
+                    retry_after: Duration::from_micros(u64::try_from(left).unwrap_or(0)),
+                })
+            }
+            Some(CODE_COMPLETED) => match (items.get(1).and_then(int), items.get(2)) {
+                (Some(1), Some(Value::BulkString(b))) => {
+                    Ok(Claim::Completed(Some(Bytes::from(b.clone()))))
+                }
+                (Some(1), Some(Value::SimpleString(s))) => {
+                    Ok(Claim::Completed(Some(Bytes::from(s.clone()))))
+                }
+                (Some(1), Some(Value::Okay)) => {
+                    Ok(Claim::Completed(Some(Bytes::from_static(b"OK"))))
+                }
+                (Some(0), _) => Ok(Claim::Completed(None)),
+                _ => Err(unexpected(&keys[0], reply)),
+            },
+            Some(CODE_MISMATCH) => Ok(Claim::Mismatch),
+            Some(CODE_WRONG_TYPE) => Err(wrong_type(&keys[0])),
+            _ => Err(unexpected(&keys[0], reply)),
+        }
+    }
+
+    async fn complete(
+        &self,
+        lease: &Lease,
+        result: Option<Bytes>,
+        retention: Duration,
+    ) -> Result<()> {
+        check_lease_duration("retention", retention)?;
+        check_result_size(result.as_ref(), self.max_result_bytes)?;
+        let (has, body) = match result {
+            Some(r) => (b"1".to_vec(), r.to_vec()),
+            None => (b"0".to_vec(), Vec::new()),
+        };
+        self.owned(
+            &self.scripts.complete,
+            lease,
+            vec![positive_us(retention), has, body],
+        )
+        .await
+    }
+
+    async fn release(&self, lease: &Lease) -> Result<()> {
+        self.owned(&self.scripts.release, lease, Vec::new()).await
+    }
+
+    async fn extend(&self, lease: &Lease, by: Duration) -> Result<()> {
+        check_lease_duration("by", by)?;
+        self.owned(&self.scripts.extend, lease, vec![positive_us(by)])
+            .await
+    }
+}

@@ -1,0 +1,220 @@
+//! [`RedisRateLimiter`]: GCRA limits shared by every replica through Redis.
+//!
+//! # Layout
+//!
+//! One string per key, `{prefix}:rl:{namespace}:{id}`, holding the key's
+//! theoretical arrival time (TAT) in µs since the epoch (Redis time), with a
+//! physical TTL of `TAT - now` (rounded up to ms): once it is gone the key
+//! is idle, exactly as a TAT in the past.
+//!
+//! One Lua script decides: a line-by-line port of
+//! [`gcra::decide`](reliability_core::gcra::decide) in integer microseconds
+//! (Lua doubles hold them exactly below 2^53), with `now` from Redis `TIME`.
+//! Every replica therefore gets the decisions of one limiter, and the same
+//! decisions as `reliability-memory`'s `LocalRateLimiter`.
+//!
+//! Quotas whose tolerance window `T * burst` exceeds 2^52 µs (142 years)
+//! are refused with [`Error::InvalidArgument`]: beyond that the doubles
+//! would round.
+//!
+//! ```no_run
+//! # async fn demo(client: reliability_redis::RedisClient) -> reliability_core::Result<()> {
+//! use reliability_core::{Quota, RateLimiter};
+//! use reliability_redis::RedisRateLimiter;
+//!
+//! let limiter = RedisRateLimiter::new(client);
+//! let d = limiter.check("tenant-7", Quota::per_second(10)?, 1).await?;
+//! println!("{:?}, {} left", d.outcome, d.remaining);
+//! # Ok(()) }
+//! ```
+
+use std::fmt;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use deadpool_redis::redis::{Script, Value};
+use reliability_core::{
+    Capabilities, Decision, Error, Outcome, Primitive, Quota, RateLimiter, Result, SharedClock,
+};
+
+use crate::client::RedisClient;
+use crate::error::{unexpected, BACKEND};
+use crate::idempotency::OVERRIDE_MARGIN_MS;
+use crate::script::{int, now_arg, LUA_NOW};
+
+/// The largest `T * burst` the script computes exactly.
+pub const MAX_WINDOW_US: u64 = 1 << 52;
+
+// ARGV: now ('' = TIME), margin_ms, T (µs), burst, cost
+// Returns {outcome (0 allowed, 1 denied, 2 never, -1 wrong type),
+//          remaining, retry_after_us, reset_after_us}.
+const GCRA: &str = r"
+local margin = tonumber(ARGV[2])
+local t = tonumber(ARGV[3])
+local burst = tonumber(ARGV[4])
+local cost = tonumber(ARGV[5])
+local tau = t * (burst - 1)
+local tat = now
+local stored = redis.call('GET', KEYS[1])
+if stored then
+  tat = tonumber(stored)
+  if not tat then return {-1, 0, 0, 0} end
+end
+local function remaining_at(x)
+  local avail = now + tau + t - x
+  if avail < 0 then avail = 0 end
+  local cap = tau + t
+  if avail > cap then avail = cap end
+  local q = math.floor(avail / t)
+  if q * t > avail then q = q - 1 elseif (q + 1) * t <= avail then q = q + 1 end
+  return q
+end
+local function reset_at(x)
+  if x > now then return x - now end
+  return 0
+end
+if cost > burst then return {2, remaining_at(tat), 0, reset_at(tat)} end
+if cost == 0 then return {0, remaining_at(tat), 0, reset_at(tat)} end
+local additional = t * (cost - 1)
+local earliest = tat + additional - tau
+if earliest < 0 then earliest = 0 end
+if now < earliest then return {1, remaining_at(tat), earliest - now, reset_at(tat)} end
+local nxt = math.max(tat, now) + t + additional
+redis.call('SET', KEYS[1], string.format('%.0f', nxt), 'PX', math.ceil((nxt - now) / 1000) + margin)
+return {0, remaining_at(nxt), 0, reset_at(nxt)}
+";
+
+/// A [`RateLimiter`] in Redis: one GCRA state per key shared by every
+/// replica, decided atomically by one script.
+///
+/// See the [module docs](self) for the layout and an example.
+pub struct RedisRateLimiter {
+    client: RedisClient,
+    script: Script,
+    clock_override: Option<SharedClock>,
+}
+
+impl fmt::Debug for RedisRateLimiter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisRateLimiter")
+            .field("client", &self.client)
+            .field("clock_override", &self.clock_override.is_some())
+            .finish()
+    }
+}
+
+/// Builds a [`RedisRateLimiter`]; see [`RedisRateLimiter::builder`].
+#[derive(Debug)]
+#[must_use]
+pub struct RedisRateLimiterBuilder {
+    client: RedisClient,
+    clock_override: Option<SharedClock>,
+}
+
+impl RedisRateLimiterBuilder {
+    /// **Tests only.** The script takes `now` from `clock` instead of Redis
+    /// `TIME` (see [`RedisClient::with_clock_override`]).
+    pub fn clock_override(mut self, clock: SharedClock) -> Self {
+        self.clock_override = Some(clock);
+        self
+    }
+
+    /// Builds the limiter.
+    pub fn build(self) -> RedisRateLimiter {
+        let clock_override = self
+            .clock_override
+            .or_else(|| self.client.clock_override().cloned());
+        RedisRateLimiter {
+            client: self.client,
+            script: Script::new(&format!("{LUA_NOW}{GCRA}")),
+            clock_override,
+        }
+    }
+}
+
+impl RedisRateLimiter {
+    /// A limiter on `client`.
+    pub fn new(client: RedisClient) -> Self {
+        Self::builder(client).build()
+    }
+
+    /// A builder, to set a test clock.
+    pub fn builder(client: RedisClient) -> RedisRateLimiterBuilder {
+        RedisRateLimiterBuilder {
+            client,
+            clock_override: None,
+        }
+    }
+
+    /// The client this limiter uses.
+    pub fn client(&self) -> &RedisClient {
+        &self.client
+    }
+}
+
+fn micros(v: Option<&Value>) -> Option<u64> {
+    v.and_then(int).and_then(|i| u64::try_from(i).ok())
+}
+
+#[async_trait]
+impl RateLimiter for RedisRateLimiter {
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::new(BACKEND).with_distributed(true)
+    }
+
+    async fn check(&self, key: &str, quota: Quota, cost: u32) -> Result<Decision> {
+        let redis_key = self.client.key_space().key(Primitive::RateLimit, key)?;
+        let t = quota.emission_interval_us();
+        if u128::from(t) * u128::from(quota.burst()) > u128::from(MAX_WINDOW_US) {
+            return Err(Error::invalid_argument(
+                "quota",
+                "emission interval x burst exceeds 2^52 us, beyond what the Redis script computes exactly",
+            ));
+        }
+        let margin = if self.clock_override.is_some() {
+            OVERRIDE_MARGIN_MS
+        } else {
+            0
+        };
+        let args = vec![
+            now_arg(self.clock_override.as_ref()),
+            margin.to_string().into_bytes(),
+            t.to_string().into_bytes(),
+            quota.burst().to_string().into_bytes(),
+            cost.to_string().into_bytes(),
+        ];
+        let keys = [redis_key];
+        let reply = self.client.invoke(&self.script, &keys, &args).await?;
+        let items = match &reply {
+            Value::Array(items) if items.len() == 4 => items.as_slice(),
+            _ => return Err(unexpected(&keys[0], reply)),
+        };
+        let (Some(code), Some(remaining), Some(retry), Some(reset)) = (
+            items.first().and_then(int),
+            micros(items.get(1)),
+            micros(items.get(2)),
+            micros(items.get(3)),
+        ) else {
+            return Err(unexpected(&keys[0], reply));
+        };
+        let (outcome, retry_after) = match code {
+            0 => (Outcome::Allowed, Duration::ZERO),
+            1 => (Outcome::Denied, Duration::from_micros(retry)),
+            2 => (Outcome::Never, Duration::MAX),
+            -1 => {
+                return Err(Error::WrongType {
+                    backend: BACKEND,
+                    key: keys[0].clone(),
+                })
+            }
+            _ => return Err(unexpected(&keys[0], reply)),
+        };
+        Ok(Decision {
+            outcome,
+            limit: quota.burst(),
+            remaining: u32::try_from(remaining).unwrap_or(u32::MAX),
+            retry_after,
+            reset_after: Duration::from_micros(reset),
+        })
+    }
+}
