@@ -208,6 +208,9 @@ async fn spool(
     let _ = (clock, key_space);
     match config.spool_backend() {
         SpoolBackend::None => Ok(None),
+        #[cfg(feature = "disk")]
+        SpoolBackend::Disk => Ok(Some(Arc::new(disk_spool(config, clock).await?))),
+        #[cfg(not(feature = "disk"))]
         SpoolBackend::Disk => Err(disabled("spool", "disk", "disk")),
         // Time comes from the Redis server (`TIME`), not from `clock`.
         #[cfg(feature = "redis")]
@@ -245,4 +248,34 @@ async fn redis_client(
         .as_ref()
         .ok_or_else(|| Error::config("reliability.redis", "required by the Redis backends"))?;
     reliability_redis::RedisClient::connect(redis, key_space.clone()).await
+}
+
+/// The disk spool of `config.disk`: its directory, the spool limits with
+/// `disk.maxBytes` / `disk.maxRecords` applied, and its fsync policy.
+#[cfg(feature = "disk")]
+async fn disk_spool(
+    config: &ReliabilityConfig,
+    clock: &SharedClock,
+) -> Result<reliability_disk::DiskSpool> {
+    use reliability_core::config::FsyncPolicy;
+    use reliability_disk::{DiskSpool, FsyncMode};
+
+    let Some(disk) = config.disk.as_ref() else {
+        return Err(Error::config(
+            "reliability.disk.dir",
+            "spool: disk needs disk.dir",
+        ));
+    };
+    let fsync = match disk.fsync {
+        FsyncPolicy::Interval => FsyncMode::Interval(disk.fsync_interval),
+        FsyncPolicy::None => FsyncMode::Never,
+        // `always`, and any policy added later: the safest.
+        _ => FsyncMode::Always,
+    };
+    DiskSpool::builder(&disk.dir)
+        .limits(disk.limits(&config.spool_limits))
+        .fsync(fsync)
+        .clock(clock.clone())
+        .open()
+        .await
 }
