@@ -183,3 +183,82 @@ async fn journal_entries_end_with_their_ttl() {
         Claim::Acquired(_)
     ));
 }
+
+mod spool {
+    use super::*;
+    use reliability::memory::MemorySpool;
+    use reliability::{NewRecord, RecordId, Spool};
+
+    fn rec(id: &str) -> NewRecord {
+        NewRecord::new(RecordId::new(id).unwrap(), format!("payload {id}"))
+    }
+
+    #[tokio::test]
+    async fn outage_records_drain_back_with_their_ids_and_history() {
+        let clock = ManualClock::new();
+        let shared = Arc::new(clock.clone());
+        let breaker = Arc::new(Breaker::new(BreakerConfig::default(), shared.clone()));
+        let primary = Arc::new(MemorySpool::builder().clock(shared.clone()).build());
+        let secondary = Arc::new(MemorySpool::builder().clock(shared).build());
+        let f = Fallback::new(primary.clone(), secondary.clone(), breaker.clone());
+
+        f.enqueue(vec![rec("before")]).await.unwrap();
+        breaker.isolate();
+        f.enqueue(vec![rec("during-1"), rec("during-2"), rec("during-3")])
+            .await
+            .unwrap();
+        // Delivery goes on locally during the outage: one try fails.
+        let got = f.lease(1, Duration::from_secs(30)).await.unwrap();
+        assert_eq!(got[0].record.id.as_str(), "during-1");
+        let _ = f.nack(&got[0].token, Duration::ZERO).await.unwrap();
+        assert_eq!(secondary.stats().await.unwrap().depth(), 3);
+        assert_eq!(primary.stats().await.unwrap().depth(), 1);
+
+        fail_back(&breaker);
+        let report = f.drain().await.unwrap();
+        assert_eq!(
+            (report.moved, report.duplicates, report.interrupted),
+            (3, 0, false)
+        );
+        assert_eq!(
+            secondary.stats().await.unwrap().depth(),
+            0,
+            "acked on the secondary"
+        );
+        let all = primary.lease(10, Duration::from_secs(30)).await.unwrap();
+        let mut ids: Vec<_> = all.iter().map(|l| l.record.id.to_string()).collect();
+        ids.sort();
+        assert_eq!(ids, ["before", "during-1", "during-2", "during-3"]);
+        let d1 = all
+            .iter()
+            .find(|l| l.record.id.as_str() == "during-1")
+            .unwrap();
+        assert_eq!(
+            d1.record.attempts, 2,
+            "the failed try travels with the record"
+        );
+        assert_eq!(d1.record.payload, bytes::Bytes::from("payload during-1"));
+    }
+
+    #[tokio::test]
+    async fn a_drain_that_meets_a_full_primary_keeps_the_records() {
+        let clock = ManualClock::new();
+        let shared = Arc::new(clock.clone());
+        let breaker = Arc::new(Breaker::new(BreakerConfig::default(), shared.clone()));
+        let limits = reliability::SpoolLimits::default().with_max_records(1);
+        let primary = MemorySpool::builder()
+            .limits(limits)
+            .clock(shared.clone())
+            .build();
+        let secondary = Arc::new(MemorySpool::builder().clock(shared).build());
+        let f = Fallback::new(primary, secondary.clone(), breaker.clone());
+        breaker.isolate();
+        f.enqueue(vec![rec("a"), rec("b")]).await.unwrap();
+        fail_back(&breaker);
+        assert!(matches!(
+            f.drain().await,
+            Err(reliability::Error::Full { .. })
+        ));
+        assert_eq!(secondary.stats().await.unwrap().depth(), 2, "nothing lost");
+    }
+}

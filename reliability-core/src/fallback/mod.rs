@@ -13,8 +13,9 @@
 //! `Fallback` implements [`RateLimiter`] with an explicit
 //! [`RateLimitPolicy`], and [`IdempotencyStore`](crate::IdempotencyStore)
 //! with a journal of the claims the secondary answered, replayed to the
-//! primary by [`Fallback::reconcile`] (see `fallback/idempotency.rs`). The
-//! spool pairing builds on the same [`Fallback::call`] routing.
+//! primary by [`Fallback::reconcile`] (see `fallback/idempotency.rs`), and
+//! [`Spool`](crate::Spool), whose records written to the secondary during an
+//! outage move back with [`Fallback::drain`] (see `fallback/spool.rs`).
 //!
 //! ```
 //! # #[tokio::main(flavor = "current_thread")]
@@ -42,9 +43,11 @@
 
 mod breaker;
 mod idempotency;
+mod spool;
 
 pub use breaker::{Breaker, BreakerConfig, Probe, ProbeTask};
 pub use idempotency::ReconcileReport;
+pub use spool::DrainReport;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -116,6 +119,7 @@ pub struct Fallback<P, S> {
     deadline: Duration,
     rate_limit_policy: RateLimitPolicy,
     journal: Arc<idempotency::Journal>,
+    local_leases: Arc<spool::LocalLeases>,
 }
 
 impl<P, S> Fallback<P, S> {
@@ -129,6 +133,7 @@ impl<P, S> Fallback<P, S> {
             deadline: DEFAULT_DEADLINE,
             rate_limit_policy: RateLimitPolicy::default(),
             journal: Arc::default(),
+            local_leases: Arc::default(),
         }
     }
 

@@ -1,0 +1,276 @@
+//! `Spool` for [`Fallback`]: records written to the secondary while the
+//! primary was unavailable drain back to it, with the same ids.
+//!
+//! - `enqueue` goes to the primary, or to the secondary when the primary is
+//!   skipped, unavailable or late. (A late primary may still have stored the
+//!   batch: the drain then finds the ids there and the primary skips them as
+//!   duplicates.)
+//! - `lease` reads the primary, or the secondary while the breaker is open:
+//!   delivery goes on during the outage. Leases handed out by the secondary
+//!   are remembered, so `ack` / `nack` / `extend` / `dead_letter` go back to
+//!   the side that gave them.
+//! - [`Fallback::drain`] moves due records of the secondary to the primary
+//!   (same id, payload, attempts and first-enqueue time) and acks them on the
+//!   secondary only once the primary's `enqueue` returned: a crash in
+//!   between leaves them on both sides, never on neither.
+//! - `stats`, `list_dead`, `redrive_dead` and `purge_dead` cover both sides
+//!   (the primary's only while it is reachable).
+
+use std::collections::HashMap;
+use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use super::Fallback;
+use crate::capability::Capabilities;
+use crate::clock::Timestamp;
+use crate::error::{Error, Result, UnavailableReason};
+use crate::idempotency::LeaseToken;
+use crate::spool::{
+    DeadReason, DeadRecord, Enqueued, Leased, NackOutcome, NewRecord, Spool, SpoolStats, SpoolToken,
+};
+
+/// Records moved per drain step.
+const DRAIN_BATCH: usize = 256;
+/// Lease the drain holds on the secondary while it copies a batch.
+const DRAIN_LEASE: Duration = Duration::from_secs(30);
+
+/// How long a secondary lease's token keeps routing to the secondary after
+/// the lease ended: repeated or stale acks of it must still get the
+/// secondary's answer (idempotent ack, `LeaseLost`), not the primary's.
+const ROUTE_KEEP: Duration = Duration::from_secs(600);
+
+/// Leases the secondary handed out, by token, with their end.
+#[derive(Debug, Default)]
+pub(super) struct LocalLeases(Mutex<HashMap<LeaseToken, Timestamp>>);
+
+impl LocalLeases {
+    fn lock(&self) -> MutexGuard<'_, HashMap<LeaseToken, Timestamp>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// What one [`Fallback::drain`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct DrainReport {
+    /// Records the primary now holds and the secondary let go.
+    pub moved: u64,
+    /// Records the primary already had (same id).
+    pub duplicates: u64,
+    /// `true` if the primary became unavailable during the drain.
+    pub interrupted: bool,
+}
+
+impl<P: Spool, S: Spool> Fallback<P, S> {
+    fn is_local(&self, token: &SpoolToken) -> bool {
+        self.local_leases.lock().contains_key(&token.lease())
+    }
+
+    async fn lease_local(&self, max: usize, ttl: Duration) -> Result<Vec<Leased>> {
+        let got = self.secondary.lease(max, ttl).await?;
+        if !got.is_empty() {
+            let now = self.breaker.clock().now();
+            let until = now.saturating_add(ttl);
+            let mut leases = self.local_leases.lock();
+            if leases.len() > 4 * DRAIN_BATCH {
+                // Leases long over need no route any more.
+                leases.retain(|_, end| end.saturating_add(ROUTE_KEEP) > now);
+            }
+            for l in &got {
+                leases.insert(l.token.lease(), until);
+            }
+        }
+        Ok(got)
+    }
+
+    /// A call that only the primary can answer (a primary lease): under the
+    /// deadline while the breaker lets it, else unavailable. The record's
+    /// lease then runs out and it is delivered again.
+    async fn primary_only<T>(&self, f: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+        self.call(f, async {
+            Err(Error::unavailable(
+                "fallback",
+                UnavailableReason::Other,
+                "the primary holds this lease and is unavailable; the record will be delivered again",
+            ))
+        })
+        .await
+    }
+
+    /// Moves the secondary's due records to the primary (see the module
+    /// docs), until the secondary has none due or the primary fails.
+    ///
+    /// # Errors
+    /// Caller errors of the primary (e.g. [`Error::Full`]); the records stay
+    /// on the secondary.
+    pub async fn drain(&self) -> Result<DrainReport> {
+        let mut report = DrainReport::default();
+        while self.breaker.routes_to_primary() {
+            let batch = self.secondary.lease(DRAIN_BATCH, DRAIN_LEASE).await?;
+            if batch.is_empty() {
+                break;
+            }
+            let records: Vec<NewRecord> = batch
+                .iter()
+                .map(|l| {
+                    NewRecord::new(l.record.id.clone(), l.record.payload.clone()).with_history(
+                        // This lease was the drain's, not a delivery attempt.
+                        l.record.attempts.saturating_sub(1),
+                        l.record.enqueued_at,
+                    )
+                })
+                .collect();
+            let stored = tokio::time::timeout(self.deadline, self.primary.enqueue(records)).await;
+            match stored {
+                Ok(Ok(e)) => {
+                    self.breaker.record_success();
+                    report.moved += e.accepted as u64;
+                    report.duplicates += e.duplicates as u64;
+                    for l in &batch {
+                        // Only now may the secondary forget them.
+                        self.secondary.ack(&l.token).await?;
+                    }
+                }
+                Ok(Err(e)) if !e.is_unavailable() => {
+                    for l in &batch {
+                        let _ = self.secondary.nack(&l.token, Duration::ZERO).await;
+                    }
+                    return Err(e);
+                }
+                Ok(Err(e)) => {
+                    self.breaker.record_failure(&e);
+                    report.interrupted = true;
+                }
+                Err(_) => {
+                    self.breaker.record_failure(&Error::Timeout {
+                        backend: "primary",
+                        after: self.deadline,
+                    });
+                    report.interrupted = true;
+                }
+            }
+            if report.interrupted {
+                for l in &batch {
+                    let _ = self.secondary.nack(&l.token, Duration::ZERO).await;
+                }
+                break;
+            }
+        }
+        Ok(report)
+    }
+
+    /// The primary's answer while reachable, else `None`.
+    async fn primary_if_up<T>(
+        &self,
+        f: impl std::future::Future<Output = Result<T>>,
+    ) -> Result<Option<T>> {
+        self.call(async { f.await.map(Some) }, async { Ok(None) })
+            .await
+    }
+}
+
+#[async_trait]
+impl<P: Spool, S: Spool> Spool for Fallback<P, S> {
+    fn capabilities(&self) -> Capabilities {
+        let p = self.primary.capabilities();
+        let s = self.secondary.capabilities();
+        Capabilities::new("fallback")
+            .with_distributed(p.distributed)
+            .with_durable(p.durable && s.durable)
+            .with_bounded(s.bounded)
+    }
+
+    async fn enqueue(&self, batch: Vec<NewRecord>) -> Result<Enqueued> {
+        self.call(
+            self.primary.enqueue(batch.clone()),
+            self.secondary.enqueue(batch),
+        )
+        .await
+    }
+
+    async fn lease(&self, max: usize, ttl: Duration) -> Result<Vec<Leased>> {
+        self.call(self.primary.lease(max, ttl), self.lease_local(max, ttl))
+            .await
+    }
+
+    async fn ack(&self, token: &SpoolToken) -> Result<()> {
+        if self.is_local(token) {
+            return self.secondary.ack(token).await;
+        }
+        self.primary_only(self.primary.ack(token)).await
+    }
+
+    async fn nack(&self, token: &SpoolToken, retry_in: Duration) -> Result<NackOutcome> {
+        if self.is_local(token) {
+            return self.secondary.nack(token, retry_in).await;
+        }
+        self.primary_only(self.primary.nack(token, retry_in)).await
+    }
+
+    async fn extend(&self, token: &SpoolToken, by: Duration) -> Result<()> {
+        if self.is_local(token) {
+            self.secondary.extend(token, by).await?;
+            let until = self.breaker.clock().now().saturating_add(by);
+            self.local_leases.lock().insert(token.lease(), until);
+            return Ok(());
+        }
+        self.primary_only(self.primary.extend(token, by)).await
+    }
+
+    async fn dead_letter(&self, token: &SpoolToken, reason: DeadReason) -> Result<()> {
+        if self.is_local(token) {
+            return self.secondary.dead_letter(token, reason).await;
+        }
+        self.primary_only(self.primary.dead_letter(token, reason))
+            .await
+    }
+
+    async fn list_dead(&self, max: usize) -> Result<Vec<DeadRecord>> {
+        let mut dead = self
+            .primary_if_up(self.primary.list_dead(max))
+            .await?
+            .unwrap_or_default();
+        if dead.len() < max {
+            dead.extend(self.secondary.list_dead(max - dead.len()).await?);
+        }
+        Ok(dead)
+    }
+
+    async fn redrive_dead(&self, max: usize) -> Result<usize> {
+        let n = self
+            .primary_if_up(self.primary.redrive_dead(max))
+            .await?
+            .unwrap_or(0);
+        Ok(n + self.secondary.redrive_dead(max.saturating_sub(n)).await?)
+    }
+
+    async fn purge_dead(&self, max: usize) -> Result<usize> {
+        let n = self
+            .primary_if_up(self.primary.purge_dead(max))
+            .await?
+            .unwrap_or(0);
+        Ok(n + self.secondary.purge_dead(max.saturating_sub(n)).await?)
+    }
+
+    async fn stats(&self) -> Result<SpoolStats> {
+        let s = self.secondary.stats().await?;
+        let Some(p) = self.primary_if_up(self.primary.stats()).await? else {
+            return Ok(s);
+        };
+        let mut sum = p;
+        sum.ready += s.ready;
+        sum.delayed += s.delayed;
+        sum.leased += s.leased;
+        sum.dead += s.dead;
+        sum.bytes += s.bytes;
+        sum.expired_total += s.expired_total;
+        sum.quarantined_total += s.quarantined_total;
+        sum.oldest_age = match (p.oldest_age, s.oldest_age) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        };
+        Ok(sum)
+    }
+}
