@@ -44,10 +44,12 @@
 mod breaker;
 mod idempotency;
 mod spool;
+mod status;
 
 pub use breaker::{Breaker, BreakerConfig, Probe, ProbeTask};
 pub use idempotency::ReconcileReport;
 pub use spool::DrainReport;
+pub use status::{apply_breaker, spawn_status_bridge};
 
 use std::future::Future;
 use std::sync::Arc;
