@@ -242,6 +242,9 @@ fn rel(path: &Path, dir: &Path) -> PathBuf {
     path.strip_prefix(dir).unwrap_or(path).to_path_buf()
 }
 
+/// A decoded frame (entry, size, payload span), or why it is not one.
+type Decoded = Result<Option<(Entry, usize, Option<codec::PayloadSpan>)>, codec::DecodeError>;
+
 /// Reads a segment through a read-ahead window.
 struct Window {
     file: File,
@@ -266,11 +269,7 @@ impl Window {
     }
 
     /// Decodes the frame at `off`: `Ok(None)` if it runs past the end.
-    fn frame(
-        &mut self,
-        off: u64,
-    ) -> io::Result<Result<Option<(Entry, usize, Option<codec::PayloadSpan>)>, codec::DecodeError>>
-    {
+    fn frame(&mut self, off: u64) -> io::Result<Decoded> {
         let head = self.at(off, codec::HEADER_LEN)?;
         let need = match codec::frame_len(head) {
             Ok(Some(len)) => codec::HEADER_LEN + len as usize,
@@ -357,20 +356,17 @@ fn scan_segment(
     let mut off = SEG_HEADER_LEN;
     let mut frames = 0u64;
     while off < w.len {
-        match w.frame(off)? {
-            Ok(Some((entry, used, span))) => {
-                let payload_len = span.map_or(0, |s| s.len as u32);
-                let loc = Loc {
-                    seg: n,
-                    off,
-                    len: used as u32,
-                };
-                rec.index.apply(&entry, loc, payload_len);
-                frames += 1;
-                off += used as u64;
-                continue;
-            }
-            Ok(None) | Err(_) => {}
+        if let Ok(Some((entry, used, span))) = w.frame(off)? {
+            let payload_len = span.map_or(0, |s| s.len as u32);
+            let loc = Loc {
+                seg: n,
+                off,
+                len: used as u32,
+            };
+            rec.index.apply(&entry, loc, payload_len);
+            frames += 1;
+            off += used as u64;
+            continue;
         }
         let why = match w.frame(off)? {
             Err(e) => e.to_string(),

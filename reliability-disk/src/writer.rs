@@ -13,7 +13,7 @@ use std::io::{self, Write};
 use std::os::unix::fs::FileExt as _;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -138,10 +138,7 @@ impl Writer {
                 if bytes >= MAX_BATCH_BYTES {
                     break;
                 }
-                next = match rx.try_recv() {
-                    Ok(c) => Some(c),
-                    Err(TryRecvError::Empty | TryRecvError::Disconnected) => None,
-                };
+                next = rx.try_recv().ok();
             }
             if !batch.is_empty() {
                 self.commit(&mut batch);

@@ -7,6 +7,9 @@
 //! Where mounting is refused, the test says so and runs against the
 //! spool's fault-injecting write hook instead.
 
+// The test reports which kind of full disk it used.
+#![allow(clippy::print_stdout)]
+
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
