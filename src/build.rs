@@ -130,8 +130,8 @@ impl ReliabilityBuilder {
             .map_err(|e| Error::config("reliability.keyPrefix", e.to_string()))?;
         let clock = self.clock.unwrap_or_else(system_clock);
 
-        let idempotency = idempotency_store(&config, &clock)?;
-        let rate_limiter = rate_limiter(&config, &clock)?;
+        let idempotency = idempotency_store(&config, &clock, &key_space).await?;
+        let rate_limiter = rate_limiter(&config, &clock, &key_space).await?;
         let spool = spool(&config, &clock, &key_space).await?;
         let status = StatusHub::new(HealthStatus::from_config(&config));
         Ok(Reliability {
@@ -145,6 +145,11 @@ impl ReliabilityBuilder {
     }
 }
 
+// Unused when every backend feature is on.
+#[cfg_attr(
+    all(feature = "memory", feature = "redis", feature = "disk"),
+    allow(dead_code)
+)]
 fn disabled(field: &str, backend: &str, feature: &'static str) -> Error {
     Error::FeatureDisabled {
         field: format!("reliability.{field}"),
@@ -160,14 +165,12 @@ fn unsupported(field: &str, backend: &str) -> Error {
     )
 }
 
-// The `redis` and `disk` features do not exist yet: their crates add an arm
-// (`#[cfg(feature = "redis")]`) to each function below when they land.
-
-fn idempotency_store(
+async fn idempotency_store(
     config: &ReliabilityConfig,
     clock: &SharedClock,
+    key_space: &KeySpace,
 ) -> Result<Arc<dyn IdempotencyStore>> {
-    let _ = clock;
+    let _ = (clock, key_space);
     match config.idempotency_backend() {
         #[cfg(feature = "memory")]
         IdempotencyBackend::Memory => Ok(Arc::new(
@@ -178,13 +181,23 @@ fn idempotency_store(
         )),
         #[cfg(not(feature = "memory"))]
         IdempotencyBackend::Memory => Err(disabled("idempotencyStore", "memory", "memory")),
+        // Time comes from the Redis server (`TIME`), not from `clock`.
+        #[cfg(feature = "redis")]
+        IdempotencyBackend::Redis => Ok(Arc::new(reliability_redis::RedisIdempotencyStore::new(
+            redis_client(config, key_space).await?,
+        ))),
+        #[cfg(not(feature = "redis"))]
         IdempotencyBackend::Redis => Err(disabled("idempotencyStore", "redis", "redis")),
         other => Err(unsupported("idempotencyStore", other.as_str())),
     }
 }
 
-fn rate_limiter(config: &ReliabilityConfig, clock: &SharedClock) -> Result<Arc<dyn RateLimiter>> {
-    let _ = clock;
+async fn rate_limiter(
+    config: &ReliabilityConfig,
+    clock: &SharedClock,
+    key_space: &KeySpace,
+) -> Result<Arc<dyn RateLimiter>> {
+    let _ = (clock, key_space);
     match config.rate_limiter_backend() {
         #[cfg(feature = "memory")]
         RateLimiterBackend::Local => Ok(Arc::new(
@@ -195,6 +208,12 @@ fn rate_limiter(config: &ReliabilityConfig, clock: &SharedClock) -> Result<Arc<d
         )),
         #[cfg(not(feature = "memory"))]
         RateLimiterBackend::Local => Err(disabled("rateLimiter", "local", "memory")),
+        // Time comes from the Redis server (`TIME`), not from `clock`.
+        #[cfg(feature = "redis")]
+        RateLimiterBackend::Redis => Ok(Arc::new(reliability_redis::RedisRateLimiter::new(
+            redis_client(config, key_space).await?,
+        ))),
+        #[cfg(not(feature = "redis"))]
         RateLimiterBackend::Redis => Err(disabled("rateLimiter", "redis", "redis")),
         other => Err(unsupported("rateLimiter", other.as_str())),
     }
