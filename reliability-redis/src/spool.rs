@@ -1,62 +1,6 @@
 //! [`RedisSpool`]: the store-and-forward queue in Redis (standalone,
-//! Sentinel or Cluster).
-//!
-//! # Layout
-//!
-//! Everything of one spool lives under one hash tag, the spool's base
-//! `{prefix}:spool:{namespace}` in braces, so every key of a spool hashes to
-//! the same Cluster slot and every script is Cluster-safe:
-//!
-//! | key | type | holds |
-//! |---|---|---|
-//! | `{B}:r:<id>` | hash | one record: `p` payload, `a` attempts, `e` enqueued_at (µs), `s` sequence number; while leased `t` token and `u` lease end (µs); once dead `dc` reason code, `dm` reason text, `da` dead_at (µs) |
-//! | `{B}:ready` | zset | records found due and not leased (or whose lease expired), score `enqueued_at`, member the sequence number as 16 hex digits then the id, so equal scores sort in enqueue order: `ZPOPMIN` takes the oldest |
-//! | `{B}:delay` | zset | records not yet found due, score the due time (µs), member the id |
-//! | `{B}:lease` | zset | leased records, score the lease end (µs), member the id |
-//! | `{B}:age` | zset | every live (ready, delayed or leased) record, score `enqueued_at`: the oldest age, and the live count |
-//! | `{B}:dead` | zset | dead-lettered records, score the order they died |
-//! | `{B}:meta` | hash | `seq` (the sequence counter), `bytes` (payload bytes held, dead included), `expired` (records dead-lettered for retention) |
-//!
-//! A record key exists exactly as long as the record is held (live or
-//! dead), so duplicate ids are found with one `TYPE` per id. `lease` first
-//! moves every record of `delay` and `lease` whose score has passed into
-//! `ready` (an expired lease makes its record due again without any timer),
-//! then pops the oldest of `ready`. The limits are arguments of the scripts,
-//! not stored state: a spool reopened with other limits enforces the new
-//! ones.
-//!
-//! Every state change is one Lua script (atomic on the server), run with
-//! `EVALSHA` (reloaded on `NOSCRIPT`). Time is the server's `TIME` in
-//! microseconds: one clock for every replica of the service, no client skew.
-//! Keys carry no TTL: nothing expires or is evicted behind the spool's back,
-//! and [`RedisSpoolBuilder::open`] refuses a server whose `maxmemory-policy`
-//! may evict keys.
-//!
-//! # Why not Redis Streams
-//!
-//! A stream with a consumer group gives at-least-once delivery and
-//! `XAUTOCLAIM` for crashed consumers, but on Redis 7.0 it cannot keep the
-//! rest of the contract: an entry cannot be delayed (a retry in 5 minutes
-//! would need a second structure anyway, and re-adding changes the entry id);
-//! `XACK` takes any consumer's word, so a stale consumer could ack a record
-//! another one now holds (the contract wants an owner-checked token);
-//! producer ids cannot be deduplicated (`XADD IDMP` is Redis 8.6); acking
-//! and deleting in one step needs `XACKDEL` (8.2); and the only way to bound
-//! a stream, `MAXLEN` trimming, drops pending entries. Dead letters with
-//! redrive and an all-or-nothing `Full` check counting dead records come
-//! naturally with sorted sets. So the spool uses sorted sets and hashes (the
-//! design omniqueue and BullMQ use for delayed jobs), and no stream.
-//!
-//! # Durability
-//!
-//! At open the spool reads `CONFIG GET appendonly` / `appendfsync`:
-//! `appendfsync always` is [`Durability::Synced`], `everysec` is
-//! [`Durability::Periodic`] (1 s), `no` is [`Durability::Flushed`] (Redis
-//! writes the AOF before it replies), and no AOF is
-//! [`Durability::Volatile`]. With [`RedisSpoolBuilder::wait_replicas`] each
-//! enqueue also runs `WAIT` and reports [`Durability::Replicated`]. Where
-//! `CONFIG` is refused (managed Redis), the spool reports `Volatile` and
-//! logs why.
+//! Sentinel or Cluster). The type's docs describe the key layout, why it
+//! is not a Redis stream, and how durability is reported.
 
 use std::fmt;
 use std::sync::LazyLock;
@@ -73,7 +17,7 @@ use reliability_core::{
     SpoolStats, SpoolToken, Timestamp, UnavailableReason,
 };
 
-use crate::client::RedisClient;
+use crate::client::{Mode, RedisClient};
 use crate::error::{unexpected, BACKEND};
 
 /// Shared head of every script: key names, `now`, helpers.
@@ -340,15 +284,18 @@ static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| {
 /// Enforces every [`SpoolLimits`] (dead records count: nothing is dropped
 /// to make room), checks owner tokens on `ack`/`nack`/`extend`/
 /// `dead_letter`, and keeps dead letters until
-/// [`purge_dead`](Spool::purge_dead). The [module docs](self) describe the
-/// key layout and why it is not a Redis stream.
+/// [`purge_dead`](Spool::purge_dead).
 ///
 /// ```no_run
 /// use std::time::Duration;
-/// use reliability_core::{NewRecord, RecordId, Spool, SpoolLimits};
+/// use reliability_core::config::{RedisConfig, RedisUrl};
+/// use reliability_core::{KeySpace, NewRecord, RecordId, Spool, SpoolLimits};
 /// use reliability_redis::{RedisClient, RedisSpool};
 ///
-/// # async fn demo(client: RedisClient) -> reliability_core::Result<()> {
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> reliability_core::Result<()> {
+/// let cfg = RedisConfig::standalone(RedisUrl::new("redis://127.0.0.1:6379/0")?);
+/// let client = RedisClient::connect(&cfg, KeySpace::new("gateway", "default")?).await?;
 /// let spool = RedisSpool::builder(client, "webhooks")
 ///     .limits(SpoolLimits::default().with_max_records(50_000))
 ///     .open()
@@ -363,6 +310,72 @@ static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| {
 /// # Ok(())
 /// # }
 /// ```
+///
+/// # Layout
+///
+/// Everything of one spool lives under one hash tag, the spool's base
+/// `{prefix}:spool:{namespace}` in braces, so every key of a spool hashes to
+/// the same Cluster slot and every script is Cluster-safe:
+///
+/// | key | type | holds |
+/// |---|---|---|
+/// | `{B}:r:<id>` | hash | one record: `p` payload, `a` attempts, `e` enqueued_at (µs), `s` sequence number; while leased `t` token and `u` lease end (µs); once dead `dc` reason code, `dm` reason text, `da` dead_at (µs) |
+/// | `{B}:ready` | zset | records found due and not leased (or whose lease expired), score `enqueued_at`, member the sequence number as 16 hex digits then the id, so equal scores sort in enqueue order: `ZPOPMIN` takes the oldest |
+/// | `{B}:delay` | zset | records not yet found due, score the due time (µs), member the id |
+/// | `{B}:lease` | zset | leased records, score the lease end (µs), member the id |
+/// | `{B}:age` | zset | every live (ready, delayed or leased) record, score `enqueued_at`: the oldest age, and the live count |
+/// | `{B}:dead` | zset | dead-lettered records, score the order they died |
+/// | `{B}:meta` | hash | `seq` (the sequence counter), `bytes` (payload bytes held, dead included), `expired` (records dead-lettered for retention) |
+///
+/// A record key exists exactly as long as the record is held (live or
+/// dead), so duplicate ids are found with one `TYPE` per id. `lease` first
+/// moves every record of `delay` and `lease` whose score has passed into
+/// `ready` (an expired lease makes its record due again without any timer),
+/// then pops the oldest of `ready`. The limits are arguments of the scripts,
+/// not stored state: a spool reopened with other limits enforces the new
+/// ones.
+///
+/// Every state change is one Lua script (atomic on the server), run with
+/// `EVALSHA` (reloaded on `NOSCRIPT`). Time is the server's `TIME` in
+/// microseconds: one clock for every replica of the service, no client skew.
+/// Keys carry no TTL: nothing expires or is evicted behind the spool's back,
+/// and [`RedisSpoolBuilder::open`] refuses a server whose `maxmemory-policy`
+/// may evict keys.
+///
+/// # Why not Redis Streams
+///
+/// A stream with a consumer group gives at-least-once delivery and
+/// `XAUTOCLAIM` for crashed consumers, but on Redis 7.0 it cannot keep the
+/// rest of the contract: an entry cannot be delayed (a retry in 5 minutes
+/// would need a second structure anyway, and re-adding changes the entry id);
+/// `XACK` takes any consumer's word, so a stale consumer could ack a record
+/// another one now holds (the contract wants an owner-checked token);
+/// producer ids cannot be deduplicated (`XADD IDMP` is Redis 8.6); acking
+/// and deleting in one step needs `XACKDEL` (8.2); and the only way to bound
+/// a stream, `MAXLEN` trimming, drops pending entries. Dead letters with
+/// redrive and an all-or-nothing `Full` check counting dead records come
+/// naturally with sorted sets. So the spool uses sorted sets and hashes (the
+/// design omniqueue and BullMQ use for delayed jobs), and no stream.
+///
+/// # Durability
+///
+/// At open the spool reads `CONFIG GET appendonly` / `appendfsync`:
+/// `appendfsync always` is [`Durability::Synced`], `everysec` is
+/// [`Durability::Periodic`] (1 s), `no` is [`Durability::Flushed`] (Redis
+/// writes the AOF before it replies), and no AOF is
+/// [`Durability::Volatile`]. With [`RedisSpoolBuilder::wait_replicas`] each
+/// enqueue also runs `WAIT` and reports [`Durability::Replicated`]. Where
+/// `CONFIG` is refused (managed Redis), the spool reports `Volatile` and
+/// logs why. In a Cluster, `CONFIG GET` reaches one node (redis-rs routes
+/// it to a random one), so give every node the same settings; `WAIT` is not
+/// offered there (the builder refuses it).
+///
+/// # Costs
+///
+/// `enqueue` is `O(batch × log n)` in one round trip; `ack`, `nack`,
+/// `extend`, `dead_letter` and `stats` are `O(log n)`; `lease` is
+/// `O((came due + leased) × log n)`: each record is moved from `delay` or
+/// `lease` to `ready` once per time it comes due.
 #[derive(Clone)]
 pub struct RedisSpool {
     client: RedisClient,
@@ -418,9 +431,17 @@ impl RedisSpoolBuilder {
     ///
     /// # Errors
     /// [`Error::InvalidKey`] for a bad namespace; [`Error::Config`] when the
-    /// server's `maxmemory-policy` may evict keys; unavailable errors.
+    /// server's `maxmemory-policy` may evict keys, or for
+    /// [`wait_replicas`](Self::wait_replicas) on a Cluster; unavailable
+    /// errors.
     pub async fn open(self) -> Result<RedisSpool> {
         validate_segment(&self.namespace)?;
+        if self.wait.is_some() && self.client.mode() == Mode::Cluster {
+            return Err(Error::config(
+                "redis.cluster",
+                "the spool cannot WAIT for replicas in a Cluster (the client does not offer it)",
+            ));
+        }
         let key_space = KeySpace::new(self.client.key_space().prefix(), &self.namespace)?;
         let base = key_space.base(Primitive::Spool);
         let tagged = format!("{{{base}}}");
