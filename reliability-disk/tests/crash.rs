@@ -8,14 +8,16 @@
 //! that enqueue batches of records and print `@@E <id>` for every record of
 //! a batch once `enqueue` returned. In two cycles out of three a consumer
 //! task also leases records, checks their payloads, acks most of them
-//! (printing `@@A <id>` once `ack` returned) and nacks the rest, so kills
+//! (printing `@@L <id>` before it calls `ack` and `@@A <id>` once `ack`
+//! returned) and nacks the rest, so kills
 //! land in the middle of leases, acks and nacks as well as enqueues. Every
 //! payload is derived from its id, so a payload can be checked anywhere.
 //!
 //! The parent kills the child after a random number of printed lines (0
 //! included: a kill while the spool is opening), reopens the spool, leases
 //! everything and checks, with `must` = every id printed as enqueued or
-//! seen present at an earlier check, minus the ids a consumer acked since:
+//! seen present at an earlier check, minus the ids a consumer acked or was
+//! about to ack since (`@@L`: the kill may land between `ack` and `@@A`):
 //! - every id in `must` is present (0 lost);
 //! - every present record has an id of the child's form and an intact
 //!   payload (never an id that was not enqueued);
@@ -23,8 +25,13 @@
 //!   an id enqueued but killed before it was printed may appear (counted as
 //!   an unacknowledged extra; from then on it must stay).
 //!
-//! Then it nacks everything back to ready, closes the spool and starts the
-//! next child on the same directory. `CRASH_CYCLES=N` sets the number of
+//! The parent reads the spool on a manual clock an hour ahead of the real
+//! one: leases are durable, so a record a killed consumer had leased stays
+//! invisible for its lease (30 s) on the real clock, and an hour ahead
+//! every such lease has ended. Its own leases (1 µs) end before the next
+//! parent's check for the same reason. Then it closes the spool and starts
+//! the next child on the same directory; later consumers see the records
+//! enqueued in their own run. `CRASH_CYCLES=N` sets the number of
 //! cycles (default 50), `CRASH_SEED=N` the random seed (printed on failure).
 //!
 //! The child exits by itself when its standard input closes (the parent
@@ -39,12 +46,14 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use reliability_core::{NewRecord, RecordId, Spool, SpoolLimits};
+use reliability_core::{Clock, ManualClock, NewRecord, RecordId, Spool, SpoolLimits, SystemClock};
 use reliability_disk::{DiskSpool, FsyncMode};
 
 const CHILD_ENV: &str = "RELIABILITY_CRASH_CHILD";
 const CYCLE_ENV: &str = "RELIABILITY_CRASH_CYCLE";
 const PRODUCERS: usize = 6;
+/// Small segments, so they roll and get compacted between kills.
+const SEGMENT_MAX_BYTES: u64 = 64 * 1024;
 /// Largest number of printed lines after which the parent kills the child.
 const MAX_LINES_BEFORE_KILL: u64 = 400;
 
@@ -118,6 +127,7 @@ async fn child_main(dir: &Path, cycle: u64) {
         DiskSpool::builder(dir)
             .limits(limits())
             .fsync(FsyncMode::Always)
+            .segment_max_bytes(SEGMENT_MAX_BYTES)
             .open()
             .await
             .expect("child: open"),
@@ -148,17 +158,18 @@ async fn child_main(dir: &Path, cycle: u64) {
             }
         });
     }
-    if cycle % 3 != 0 {
+    if !cycle.is_multiple_of(3) {
         let (spool, out) = (spool.clone(), out.clone());
         tasks.spawn(async move {
             let mut rng = Rng(!cycle);
             loop {
                 let got = spool
-                    .lease(1 + rng.below(16) as usize, Duration::from_secs(30))
+                    .lease(1 + rng.below(32) as usize, Duration::from_secs(30))
                     .await
                     .expect("child: lease");
                 if got.is_empty() {
-                    tokio::task::yield_now().await;
+                    // Poll again shortly (nothing to synchronise with).
+                    tokio::time::sleep(Duration::from_millis(1)).await;
                     continue;
                 }
                 for l in got {
@@ -170,6 +181,7 @@ async fn child_main(dir: &Path, cycle: u64) {
                             .await
                             .expect("child: nack");
                     } else {
+                        say(&out, 'L', id);
                         spool.ack(&l.token).await.expect("child: ack");
                         say(&out, 'A', id);
                     }
@@ -230,7 +242,13 @@ impl Drop for Reaper {
 struct Tally {
     enqueued_acked: u64,
     consumer_acked: u64,
+    ack_started: u64,
+    parent_acked: u64,
+    /// Acked ids present again (the ack was lost).
     duplicates: u64,
+    /// Ids killed between `@@L` and `@@A` whose ack did not land.
+    ack_interrupted: u64,
+    /// Ids enqueued but killed before `@@E` was printed.
     extras: u64,
     quarantined: u64,
     max_present: usize,
@@ -238,7 +256,8 @@ struct Tally {
 
 /// One child run: start it, kill it after `kill_after` lines, return the
 /// lines it printed.
-fn run_child(dir: &Path, cycle: u64, kill_after: u64) -> (Vec<String>, Vec<String>) {
+/// Returns the ids printed as enqueued, as about to be acked and as acked.
+fn run_child(dir: &Path, cycle: u64, kill_after: u64) -> (Vec<String>, Vec<String>, Vec<String>) {
     let mut child = Command::new(std::env::current_exe().expect("current_exe"))
         .args(["--exact", "crash_child", "--nocapture", "--test-threads=1"])
         .env(CHILD_ENV, dir)
@@ -272,44 +291,67 @@ fn run_child(dir: &Path, cycle: u64, kill_after: u64) -> (Vec<String>, Vec<Strin
     reader.join().expect("reader thread");
     lines.extend(rx.try_iter());
     let (mut enq, mut acked) = (Vec::new(), Vec::new());
+    let mut acking = BTreeSet::new();
     for line in lines {
         match line.split_once(' ') {
             Some(("@@E", id)) => enq.push(id.to_string()),
-            Some(("@@A", id)) => acked.push(id.to_string()),
+            Some(("@@L", id)) => {
+                acking.insert(id.to_string());
+            }
+            Some(("@@A", id)) => {
+                assert!(acking.contains(id), "cycle {cycle}: @@A {id} without @@L");
+                acked.push(id.to_string());
+            }
             _ => panic!("cycle {cycle}: unexpected line {line:?}"),
         }
     }
-    (enq, acked)
+    (enq, acking.into_iter().collect(), acked)
 }
 
-/// Opens the spool after a kill, checks it against `must`, puts every
-/// record back to ready and closes it. Returns the ids present.
+/// What the parent knows across cycles.
+#[derive(Default)]
+struct Oracle {
+    /// Ids that must be present at the next check.
+    must: BTreeSet<String>,
+    /// Ids a child printed `@@A` for.
+    acked: BTreeSet<String>,
+    /// Ids a child printed `@@L` for.
+    acking: BTreeSet<String>,
+    /// Ids the parent acked before a clean close: they never come back.
+    parent_acked: BTreeSet<String>,
+    tally: Tally,
+}
+
+/// Opens the spool after a kill, checks it, acks about three records in
+/// four (so the backlog stays small and segments are compacted between
+/// kills) and closes it.
 async fn check_after_kill(
+    clock: &ManualClock,
     dir: &Path,
     cycle: u64,
-    must: &BTreeSet<String>,
-    acked_ever: &BTreeSet<String>,
-    tally: &mut Tally,
-) -> BTreeSet<String> {
-    let spool = Arc::new(
-        DiskSpool::builder(dir)
-            .limits(limits())
-            .fsync(FsyncMode::Never)
-            .open()
-            .await
-            .unwrap_or_else(|e| panic!("cycle {cycle}: reopen after kill -9: {e}")),
-    );
+    oracle: &mut Oracle,
+    rng: &mut Rng,
+) {
+    let spool = DiskSpool::builder(dir)
+        .limits(limits())
+        .fsync(FsyncMode::Never)
+        .segment_max_bytes(SEGMENT_MAX_BYTES)
+        .clock(Arc::new(clock.clone()))
+        .open()
+        .await
+        .unwrap_or_else(|e| panic!("cycle {cycle}: reopen after kill -9: {e}"));
     let stats = spool.stats().await.expect("stats");
-    tally.quarantined += stats.quarantined_total;
+    oracle.tally.quarantined += stats.quarantined_total;
     assert_eq!(
         stats.dead, 0,
         "cycle {cycle}: nothing is dead-lettered here"
     );
     let leased = spool
-        .lease(usize::MAX, Duration::from_secs(3600))
+        .lease(usize::MAX, Duration::from_micros(1))
         .await
         .expect("lease everything");
     let mut present = BTreeSet::new();
+    let tally = &mut oracle.tally;
     for l in &leased {
         let id = l.record.id.as_str();
         assert!(
@@ -325,15 +367,21 @@ async fn check_after_kill(
             present.insert(id.to_string()),
             "cycle {cycle}: {id} leased twice"
         );
-        if !must.contains(id) {
-            if acked_ever.contains(id) {
+        assert!(
+            !oracle.parent_acked.contains(id),
+            "cycle {cycle}: {id} came back after an ack and a clean close"
+        );
+        if !oracle.must.contains(id) {
+            if oracle.acked.contains(id) {
                 tally.duplicates += 1;
+            } else if oracle.acking.contains(id) {
+                tally.ack_interrupted += 1;
             } else {
                 tally.extras += 1;
             }
         }
     }
-    let lost: Vec<&String> = must.difference(&present).collect();
+    let lost: Vec<&String> = oracle.must.difference(&present).collect();
     assert!(
         lost.is_empty(),
         "cycle {cycle}: {} acknowledged records lost, e.g. {:?}",
@@ -345,18 +393,20 @@ async fn check_after_kill(
         present.len() as u64,
         "cycle {cycle}: stats depth and the leased records disagree"
     );
-    let mut nacks = tokio::task::JoinSet::new();
-    for l in leased {
-        let spool = spool.clone();
-        nacks.spawn(async move { spool.nack(&l.token, Duration::ZERO).await });
-    }
-    while let Some(r) = nacks.join_next().await {
-        let _ = r.expect("nack task").expect("nack");
-    }
-    let spool = Arc::into_inner(spool).expect("sole owner");
-    spool.close().await.expect("close");
     tally.max_present = tally.max_present.max(present.len());
-    present
+    // The leases (1 µs) have ended on this clock, and acks still succeed:
+    // no other lease took the records.
+    for l in &leased {
+        if rng.below(4) != 0 {
+            spool.ack(&l.token).await.expect("parent ack");
+            let id = l.record.id.to_string();
+            present.remove(&id);
+            oracle.parent_acked.insert(id);
+            tally.parent_acked += 1;
+        }
+    }
+    spool.close().await.expect("close");
+    oracle.must = present;
 }
 
 #[test]
@@ -384,9 +434,7 @@ fn kill_9_loses_no_acknowledged_record() {
         .enable_all()
         .build()
         .expect("runtime");
-    let mut tally = Tally::default();
-    let mut must: BTreeSet<String> = BTreeSet::new();
-    let mut acked_ever: BTreeSet<String> = BTreeSet::new();
+    let mut oracle = Oracle::default();
     let started = std::time::Instant::now();
     for cycle in 0..cycles {
         let kill_after = match rng.below(10) {
@@ -394,28 +442,37 @@ fn kill_9_loses_no_acknowledged_record() {
             1 => 1 + rng.below(10),
             _ => rng.below(MAX_LINES_BEFORE_KILL + 1),
         };
-        let (enq, acked) = run_child(dir.path(), cycle, kill_after);
-        tally.enqueued_acked += enq.len() as u64;
-        tally.consumer_acked += acked.len() as u64;
-        must.extend(enq);
-        for id in acked {
+        let (enq, acking, acked) = run_child(dir.path(), cycle, kill_after);
+        oracle.tally.enqueued_acked += enq.len() as u64;
+        oracle.tally.ack_started += acking.len() as u64;
+        oracle.tally.consumer_acked += acked.len() as u64;
+        oracle.must.extend(enq);
+        for id in acking {
             assert!(
                 child_id(&id),
-                "cycle {cycle}: the consumer acked {id:?}, which was never enqueued"
+                "cycle {cycle}: the consumer leased {id:?}, which was never enqueued"
             );
-            must.remove(&id);
-            acked_ever.insert(id);
+            oracle.must.remove(&id);
+            oracle.acking.insert(id);
         }
-        must = rt.block_on(check_after_kill(
+        oracle.acked.extend(acked);
+        // An hour ahead of the real clock: every lease a child took has ended.
+        let clock = ManualClock::starting_at(
+            SystemClock::new()
+                .now()
+                .saturating_add(Duration::from_secs(3600)),
+        );
+        rt.block_on(check_after_kill(
+            &clock,
             dir.path(),
             cycle,
-            &must,
-            &acked_ever,
-            &mut tally,
+            &mut oracle,
+            &mut rng,
         ));
     }
     eprintln!(
-        "crash oracle: {cycles} cycles in {:.1?}, seed {seed}: {tally:?}, 0 lost",
-        started.elapsed()
+        "crash oracle: {cycles} cycles in {:.1?}, seed {seed}: {:?}, 0 lost",
+        started.elapsed(),
+        oracle.tally
     );
 }

@@ -5,7 +5,7 @@
 //! sizes and delays, now and then an oversize payload or an id repeated
 //! within the batch), lease, ack, nack, extend, dead-letter, redrive, purge,
 //! advance the clock, reopen (close, then open) and crash (drop without
-//! `close`, then open). The limits are small (8 records, 700 bytes, 200-byte
+//! `close`, then open). The limits are small (6 records, 500 bytes, 200-byte
 //! records, 10-minute retention) and so are the segments (512 bytes), so full
 //! spools, expiry, segment rolls and compaction all happen within a few
 //! dozen operations.
@@ -75,8 +75,8 @@ use reliability_disk::{DiskSpool, FsyncMode};
 use reliability_memory::MemorySpool;
 
 const IDS: u8 = 10;
-const MAX_RECORDS: u64 = 8;
-const MAX_BYTES: u64 = 700;
+const MAX_RECORDS: u64 = 6;
+const MAX_BYTES: u64 = 500;
 const MAX_RECORD_BYTES: usize = 200;
 const RETENTION: Duration = Duration::from_secs(600);
 const SEGMENT_MAX_BYTES: u64 = 512;
@@ -138,13 +138,13 @@ fn rec() -> impl Strategy<Value = Rec> {
 
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
-        6 => (prop::collection::vec(rec(), 1..4), prop::bool::weighted(0.05))
+        8 => (prop::collection::vec(rec(), 1..5), prop::bool::weighted(0.05))
             .prop_map(|(recs, repeat)| Op::Enqueue(recs, repeat)),
         5 => (1u8..5, 1u8..40).prop_map(|(max, ttl_s)| Op::Lease { max, ttl_s }),
         4 => any::<u8>().prop_map(Op::Ack),
         2 => (any::<u8>(), 0u8..40).prop_map(|(token, retry_s)| Op::Nack { token, retry_s }),
         1 => (any::<u8>(), 1u8..40).prop_map(|(token, by_s)| Op::Extend { token, by_s }),
-        1 => any::<u8>().prop_map(Op::DeadLetter),
+        2 => any::<u8>().prop_map(Op::DeadLetter),
         1 => (1u8..4).prop_map(Op::Redrive),
         1 => (1u8..4).prop_map(Op::Purge),
         4 => prop_oneof![6 => 1u16..45, 1 => 300u16..700].prop_map(Op::Advance),
