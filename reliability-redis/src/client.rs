@@ -5,6 +5,7 @@
 //! configuration model's [`RedisConfig`] and a [`KeySpace`]:
 //!
 //! ```no_run
+//! # #[allow(dead_code)]
 //! # async fn demo() -> reliability_core::Result<()> {
 //! use reliability_core::config::{RedisConfig, RedisUrl};
 //! use reliability_core::KeySpace;

@@ -3,7 +3,7 @@
 //! # Layout
 //!
 //! One hash per key, `{prefix}:idem:{namespace}:{id}` (long ids hashed, see
-//! [`KeySpace::key`]):
+//! [`KeySpace::key`](reliability_core::KeySpace::key)):
 //!
 //! | field | value |
 //! |---|---|
@@ -21,6 +21,7 @@
 //! physically once they are logically gone.
 //!
 //! ```no_run
+//! # #[allow(dead_code)]
 //! # async fn demo(client: reliability_redis::RedisClient) -> reliability_core::Result<()> {
 //! use reliability_core::{Claim, Fingerprint, IdempotencyStore};
 //! use reliability_redis::RedisIdempotencyStore;

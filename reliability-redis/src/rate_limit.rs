@@ -18,6 +18,7 @@
 //! would round.
 //!
 //! ```no_run
+//! # #[allow(dead_code)]
 //! # async fn demo(client: reliability_redis::RedisClient) -> reliability_core::Result<()> {
 //! use reliability_core::{Quota, RateLimiter};
 //! use reliability_redis::RedisRateLimiter;
