@@ -11,9 +11,9 @@ use bytes::Bytes;
 use reliability::memory::{LocalRateLimiter, MemoryIdempotencyStore, MemorySpool};
 use reliability::testkit::{idempotency, rate_limit, spool, SpoolFactory};
 use reliability::{
-    Capabilities, Claim, DeadReason, DeadRecord, Decision, Durability, Enqueued, Error,
-    Fingerprint, IdempotencyStore, Lease, LeaseToken, Leased, ManualClock, NackOutcome, NewRecord,
-    Outcome, Quota, RateLimiter, Result, Spool, SpoolLimits, SpoolStats, SpoolToken,
+    Capabilities, CheckFuture, Claim, DeadReason, DeadRecord, Decision, Durability, Enqueued,
+    Error, Fingerprint, IdempotencyStore, Lease, LeaseToken, Leased, ManualClock, NackOutcome,
+    NewRecord, Outcome, Quota, RateLimiter, Result, Spool, SpoolLimits, SpoolStats, SpoolToken,
 };
 
 /// Runs a suite case in its own task; `true` if it panicked (failed).
@@ -118,12 +118,17 @@ async fn idempotency_cases_catch_broken_stores() {
 #[derive(Debug)]
 struct FailsOpen(LocalRateLimiter);
 
-#[async_trait]
 impl RateLimiter for FailsOpen {
     fn capabilities(&self) -> Capabilities {
         self.0.capabilities()
     }
-    async fn check(&self, key: &str, quota: Quota, cost: u32) -> Result<Decision> {
+    fn check<'a>(&'a self, key: &'a str, quota: Quota, cost: u32) -> CheckFuture<'a> {
+        CheckFuture::new(self.fails_open(key, quota, cost))
+    }
+}
+
+impl FailsOpen {
+    async fn fails_open(&self, key: &str, quota: Quota, cost: u32) -> Result<Decision> {
         let mut d = self.0.check(key, quota, cost).await?;
         match d.outcome {
             Outcome::Denied => d.outcome = Outcome::Allowed,
@@ -138,12 +143,17 @@ impl RateLimiter for FailsOpen {
 #[derive(Debug)]
 struct DenialConsumes(LocalRateLimiter);
 
-#[async_trait]
 impl RateLimiter for DenialConsumes {
     fn capabilities(&self) -> Capabilities {
         self.0.capabilities()
     }
-    async fn check(&self, key: &str, quota: Quota, cost: u32) -> Result<Decision> {
+    fn check<'a>(&'a self, key: &'a str, quota: Quota, cost: u32) -> CheckFuture<'a> {
+        CheckFuture::new(self.consumes(key, quota, cost))
+    }
+}
+
+impl DenialConsumes {
+    async fn consumes(&self, key: &str, quota: Quota, cost: u32) -> Result<Decision> {
         let d = self.0.check(key, quota, cost).await?;
         if d.outcome == Outcome::Denied {
             // Pretend the failed attempt was an arrival: push the TAT forward.

@@ -50,7 +50,7 @@ pub use idempotency::{
     Claim, Fingerprint, IdempotencyStore, IdempotencyStoreExt, Lease, LeaseToken,
 };
 pub use key::{KeySpace, Primitive};
-pub use rate_limit::{Decision, Outcome, Quota, RateLimiter, RateLimiterExt};
+pub use rate_limit::{CheckFuture, Decision, Outcome, Quota, RateLimiter, RateLimiterExt};
 pub use retry::RetryPolicy;
 pub use spool::{
     DeadReason, DeadRecord, Durability, Enqueued, Leased, NackOutcome, NewRecord, Record, RecordId,

@@ -8,11 +8,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
 use std::time::Instant;
 
-use async_trait::async_trait;
 use reliability_core::gcra;
 use reliability_core::key::normalize_id;
 use reliability_core::{
-    system_clock, Capabilities, Decision, Quota, RateLimiter, Result, SharedClock,
+    system_clock, Capabilities, CheckFuture, Decision, Quota, RateLimiter, Result, SharedClock,
 };
 
 /// Default [`LocalRateLimiterBuilder::max_keys`].
@@ -233,14 +232,13 @@ impl fmt::Debug for LocalRateLimiter {
     }
 }
 
-#[async_trait]
 impl RateLimiter for LocalRateLimiter {
     fn capabilities(&self) -> Capabilities {
         Capabilities::new("local").with_bounded(true)
     }
 
-    async fn check(&self, key: &str, quota: Quota, cost: u32) -> Result<Decision> {
-        self.check_sync(key, quota, cost)
+    fn check<'a>(&'a self, key: &'a str, quota: Quota, cost: u32) -> CheckFuture<'a> {
+        CheckFuture::ready(self.check_sync(key, quota, cost))
     }
 }
 

@@ -32,10 +32,10 @@
 use std::fmt;
 use std::time::Duration;
 
-use async_trait::async_trait;
 use deadpool_redis::redis::{Script, Value};
 use reliability_core::{
-    Capabilities, Decision, Error, Outcome, Primitive, Quota, RateLimiter, Result, SharedClock,
+    Capabilities, CheckFuture, Decision, Error, Outcome, Primitive, Quota, RateLimiter, Result,
+    SharedClock,
 };
 
 use crate::client::RedisClient;
@@ -157,13 +157,19 @@ fn micros(v: Option<&Value>) -> Option<u64> {
     v.and_then(int).and_then(|i| u64::try_from(i).ok())
 }
 
-#[async_trait]
 impl RateLimiter for RedisRateLimiter {
     fn capabilities(&self) -> Capabilities {
         Capabilities::new(BACKEND).with_distributed(true)
     }
 
-    async fn check(&self, key: &str, quota: Quota, cost: u32) -> Result<Decision> {
+    fn check<'a>(&'a self, key: &'a str, quota: Quota, cost: u32) -> CheckFuture<'a> {
+        CheckFuture::new(self.check_script(key, quota, cost))
+    }
+}
+
+impl RedisRateLimiter {
+    /// One check: the GCRA script on the key's Redis state.
+    async fn check_script(&self, key: &str, quota: Quota, cost: u32) -> Result<Decision> {
         let redis_key = self.client.key_space().key(Primitive::RateLimit, key)?;
         let t = quota.emission_interval_us();
         if u128::from(t) * u128::from(quota.burst()) > u128::from(MAX_WINDOW_US) {

@@ -23,13 +23,13 @@
 //! use reliability_core::fallback::{Breaker, BreakerConfig, Fallback, RateLimitPolicy};
 //! use reliability_core::{system_clock, Quota, RateLimiter, RateLimiterExt};
 //! use std::sync::Arc;
-//! # use reliability_core::{Capabilities, Decision, Outcome};
+//! # use reliability_core::{Capabilities, CheckFuture, Decision, Outcome};
 //! # #[derive(Debug)] struct Local;
-//! # #[async_trait::async_trait] impl RateLimiter for Local {
+//! # impl RateLimiter for Local {
 //! #   fn capabilities(&self) -> Capabilities { Capabilities::new("local") }
-//! #   async fn check(&self, _: &str, q: Quota, _: u32) -> reliability_core::Result<Decision> {
-//! #     Ok(Decision { outcome: Outcome::Allowed, limit: q.burst(), remaining: 0,
-//! #       retry_after: Default::default(), reset_after: Default::default() }) } }
+//! #   fn check<'a>(&'a self, _: &'a str, q: Quota, _: u32) -> CheckFuture<'a> {
+//! #     CheckFuture::ready(Ok(Decision { outcome: Outcome::Allowed, limit: q.burst(), remaining: 0,
+//! #       retry_after: Default::default(), reset_after: Default::default() })) } }
 //! # let (redis_limiter, local_limiter) = (Local, Local);
 //!
 //! let breaker = Arc::new(Breaker::new(BreakerConfig::default(), system_clock()));
@@ -55,12 +55,11 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
 
 use crate::capability::Capabilities;
 use crate::config::{FallbackConfig, RateLimitFallback};
 use crate::error::{Error, Result};
-use crate::rate_limit::{Decision, Outcome, Quota, RateLimiter};
+use crate::rate_limit::{CheckFuture, Decision, Outcome, Quota, RateLimiter};
 
 /// Default deadline of one primary call.
 pub const DEFAULT_DEADLINE: Duration = Duration::from_millis(250);
@@ -243,7 +242,6 @@ impl<P: RateLimiter, S: RateLimiter> Fallback<P, S> {
     }
 }
 
-#[async_trait]
 impl<P: RateLimiter, S: RateLimiter> RateLimiter for Fallback<P, S> {
     fn capabilities(&self) -> Capabilities {
         let p = self.primary.capabilities();
@@ -253,11 +251,15 @@ impl<P: RateLimiter, S: RateLimiter> RateLimiter for Fallback<P, S> {
             .with_bounded(s.bounded)
     }
 
-    async fn check(&self, key: &str, quota: Quota, cost: u32) -> Result<Decision> {
-        self.call(
+    fn check<'a>(&'a self, key: &'a str, quota: Quota, cost: u32) -> CheckFuture<'a> {
+        if !self.breaker.routes_to_primary() && self.rate_limit_policy == RateLimitPolicy::LocalFull
+        {
+            // Open: the secondary's own future, allocation-free for a local one.
+            return self.secondary.check(key, quota, cost);
+        }
+        CheckFuture::new(self.call(
             self.primary.check(key, quota, cost),
             self.check_degraded(key, quota, cost),
-        )
-        .await
+        ))
     }
 }
