@@ -1,0 +1,242 @@
+//! Durable enqueue throughput of `DiskSpool` against a raw write+fsync loop
+//! and the `queue-file` crate, all on the same disk, in one run.
+//!
+//! Not a criterion bench: it measures throughput over a fixed time and
+//! prints one table (`benches/disk_ratios.sh` runs it):
+//!
+//! - raw: append a 256-byte record to a file, `fdatasync`, repeat;
+//! - `DiskSpool`, `FsyncMode::Always`, 1 producer: `enqueue` one 256-byte
+//!   record, wait for it to return (durable), repeat;
+//! - `DiskSpool`, `FsyncMode::Always`, 64 producers: 64 tasks doing the same
+//!   on one spool (group commit shares the syncs);
+//! - `queue-file`: `add` one 256-byte record with `set_sync_writes(true)`
+//!   (it syncs on every add: equal durability), repeat.
+//!
+//! Then the targets of issue 4: 1 producer >= 0.8x the raw fsync rate;
+//! 64 producers >= 100,000 records/s and >= 20x queue-file. Exits 1 if one
+//! is missed.
+//!
+//! `BENCH_SECS` (default 3) sets each measurement's length; `BENCH_DIR` the
+//! directory to measure in (default: the system temp dir).
+#![allow(clippy::print_stdout, reason = "a bench prints its table")]
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use reliability_core::{NewRecord, RecordId, Spool, SpoolLimits};
+use reliability_disk::{DiskSpool, FsyncMode};
+
+const RECORD: usize = 256;
+
+struct Measured {
+    records: u64,
+    elapsed: Duration,
+    /// Per-call latencies in microseconds, sorted.
+    latencies: Vec<u64>,
+}
+
+impl Measured {
+    fn rate(&self) -> f64 {
+        self.records as f64 / self.elapsed.as_secs_f64()
+    }
+
+    fn pct(&self, p: f64) -> String {
+        if self.latencies.is_empty() {
+            return "-".into();
+        }
+        let i = ((self.latencies.len() - 1) as f64 * p).round() as usize;
+        format!("{}", self.latencies[i])
+    }
+}
+
+fn raw_fsync(dir: &Path, secs: Duration) -> Measured {
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("raw.log"))
+        .expect("open raw.log");
+    let rec = [0x5au8; RECORD];
+    let mut lat = Vec::new();
+    let start = Instant::now();
+    while start.elapsed() < secs {
+        let t = Instant::now();
+        f.write_all(&rec).expect("write");
+        f.sync_data().expect("fdatasync");
+        lat.push(t.elapsed().as_micros() as u64);
+    }
+    let elapsed = start.elapsed();
+    lat.sort_unstable();
+    Measured {
+        records: lat.len() as u64,
+        elapsed,
+        latencies: lat,
+    }
+}
+
+fn queue_file(dir: &Path, secs: Duration) -> Measured {
+    let mut q = queue_file::QueueFile::open(dir.join("queue-file.qf")).expect("open queue-file");
+    q.set_sync_writes(true);
+    let rec = [0x5au8; RECORD];
+    let mut lat = Vec::new();
+    let start = Instant::now();
+    while start.elapsed() < secs {
+        let t = Instant::now();
+        q.add(&rec).expect("queue-file add");
+        lat.push(t.elapsed().as_micros() as u64);
+    }
+    let elapsed = start.elapsed();
+    lat.sort_unstable();
+    Measured {
+        records: lat.len() as u64,
+        elapsed,
+        latencies: lat,
+    }
+}
+
+async fn disk_spool(dir: PathBuf, producers: usize, secs: Duration) -> Measured {
+    let spool = Arc::new(
+        DiskSpool::builder(dir)
+            .limits(
+                SpoolLimits::default()
+                    .with_max_records(u64::MAX / 4)
+                    .with_max_bytes(u64::MAX / 4),
+            )
+            .fsync(FsyncMode::Always)
+            .open()
+            .await
+            .expect("open DiskSpool"),
+    );
+    let payload = Bytes::from(vec![0x5au8; RECORD]);
+    let count = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let deadline = start + secs;
+    let mut tasks = tokio::task::JoinSet::new();
+    for p in 0..producers {
+        let (spool, payload, count) = (spool.clone(), payload.clone(), count.clone());
+        tasks.spawn(async move {
+            let mut lat = Vec::new();
+            let mut n = 0u64;
+            while Instant::now() < deadline {
+                let id = RecordId::new(format!("p{p}-{n}")).expect("id");
+                n += 1;
+                let t = Instant::now();
+                spool
+                    .enqueue(vec![NewRecord::new(id, payload.clone())])
+                    .await
+                    .expect("enqueue");
+                lat.push(t.elapsed().as_micros() as u64);
+                count.fetch_add(1, Ordering::Relaxed);
+            }
+            lat
+        });
+    }
+    let mut latencies = Vec::new();
+    while let Some(l) = tasks.join_next().await {
+        latencies.extend(l.expect("producer"));
+    }
+    let elapsed = start.elapsed();
+    latencies.sort_unstable();
+    Arc::into_inner(spool)
+        .expect("sole owner")
+        .close()
+        .await
+        .expect("close");
+    Measured {
+        records: count.load(Ordering::Relaxed),
+        elapsed,
+        latencies,
+    }
+}
+
+fn main() {
+    // `cargo bench` passes `--bench`; `cargo test --benches` does not run
+    // a measurement.
+    if !std::env::args().any(|a| a == "--bench") {
+        return;
+    }
+    let secs = Duration::from_secs_f64(
+        std::env::var("BENCH_SECS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(3.0),
+    );
+    let root = match std::env::var_os("BENCH_DIR") {
+        Some(d) => tempfile::tempdir_in(d),
+        None => tempfile::tempdir(),
+    }
+    .expect("bench dir");
+    let sub = |name: &str| {
+        let p = root.path().join(name);
+        std::fs::create_dir_all(&p).expect("mkdir");
+        p
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+
+    let raw = raw_fsync(&sub("raw"), secs);
+    let one = rt.block_on(disk_spool(sub("spool1"), 1, secs));
+    let many = rt.block_on(disk_spool(sub("spool64"), 64, secs));
+    let qf = queue_file(&sub("qf"), secs);
+
+    println!(
+        "durable 256-byte records, {:.1} s each, in {}",
+        secs.as_secs_f64(),
+        root.path().display()
+    );
+    println!(
+        "{:44} {:>10} {:>12} {:>9} {:>9}",
+        "what", "records", "records/s", "p50 µs", "p99 µs"
+    );
+    for (what, m) in [
+        ("raw write(256 B) + fdatasync loop", &raw),
+        ("DiskSpool Always, 1 producer", &one),
+        ("DiskSpool Always, 64 producers", &many),
+        ("queue-file add, sync_writes(true)", &qf),
+    ] {
+        println!(
+            "{what:44} {:>10} {:>12.0} {:>9} {:>9}",
+            m.records,
+            m.rate(),
+            m.pct(0.5),
+            m.pct(0.99)
+        );
+    }
+    println!();
+    let rows = [
+        (
+            "1 producer / raw fsync rate",
+            one.rate() / raw.rate(),
+            0.8,
+            "x",
+        ),
+        ("64 producers, records/s", many.rate(), 100_000.0, ""),
+        (
+            "64 producers / queue-file",
+            many.rate() / qf.rate(),
+            20.0,
+            "x",
+        ),
+    ];
+    let mut missed = false;
+    println!("{:44} {:>12} {:>12}", "target", "measured", "wanted");
+    for (what, got, want, unit) in rows {
+        let ok = got >= want;
+        missed |= !ok;
+        println!(
+            "{what:44} {:>11.2}{unit:1} {:>10}{unit:1}  {}",
+            got,
+            format!(">= {want}"),
+            if ok { "ok" } else { "MISSED" }
+        );
+    }
+    if missed {
+        std::process::exit(1);
+    }
+}
