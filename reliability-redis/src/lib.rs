@@ -20,6 +20,7 @@
 
 pub mod client;
 mod error;
+mod probe;
 pub mod idempotency;
 pub mod rate_limit;
 mod script;
