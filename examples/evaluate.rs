@@ -43,6 +43,7 @@ struct Args {
     failure_rate: f64,
     permanent_rate: f64,
     max_seconds: u64,
+    spool: String,
     config: Option<String>,
     seed: u64,
 }
@@ -60,6 +61,7 @@ impl Default for Args {
             failure_rate: 0.3,
             permanent_rate: 0.005,
             max_seconds: 25,
+            spool: "memory".into(),
             config: None,
             seed: 7,
         }
@@ -80,6 +82,7 @@ options (defaults in brackets):
   --failure-rate F    chance a delivery fails transiently [0.3]
   --permanent-rate F  chance a delivery fails permanently [0.005]
   --max-seconds N     give up waiting for delivery after N seconds [25]
+  --spool KIND        memory, or disk (durable, fsync per batch, in a temp dir; feature `disk`) [memory]
   --config PATH       a reliability YAML file instead of the built-in baseline
   --seed N            random seed [7]";
 
@@ -103,6 +106,7 @@ fn parse_args() -> Result<Args, String> {
             "--failure-rate" => a.failure_rate = value.parse().map_err(|e| bad(&e))?,
             "--permanent-rate" => a.permanent_rate = value.parse().map_err(|e| bad(&e))?,
             "--max-seconds" => a.max_seconds = value.parse().map_err(|e| bad(&e))?,
+            "--spool" => a.spool = value,
             "--config" => a.config = Some(value),
             "--seed" => a.seed = value.parse().map_err(|e| bad(&e))?,
             other => return Err(format!("unknown option {other}")),
@@ -114,7 +118,7 @@ fn parse_args() -> Result<Args, String> {
     Ok(a)
 }
 
-/// The built-in configuration: the baseline profile with an in-process spool
+/// The built-in configuration: the baseline profile with the chosen spool
 /// and a retry schedule in milliseconds instead of minutes, so a run shows
 /// retries and dead letters within seconds.
 const BASELINE: &str = "
@@ -122,7 +126,6 @@ reliability:
   profile: baseline
   idempotencyStore: memory
   rateLimiter: local
-  spool: memory
   keyPrefix: evaluate
   spoolLimits: { maxRecords: 1000000, retention: 7d, alertDepth: 100 }
   retry: { schedule: [10ms, 20ms, 40ms, 80ms, 160ms, 320ms], jitter: 0.1 }
@@ -207,9 +210,16 @@ async fn main() -> ExitCode {
 }
 
 async fn run(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
-    let yaml = match &args.config {
-        Some(path) => std::fs::read_to_string(path)?,
-        None => BASELINE.to_string(),
+    // Lives until the end of the run: the disk spool's directory.
+    let dir = tempfile::tempdir()?;
+    let yaml = match (&args.config, args.spool.as_str()) {
+        (Some(path), _) => std::fs::read_to_string(path)?,
+        (None, "memory") => format!("{BASELINE}  spool: memory\n"),
+        (None, "disk") => format!(
+            "{BASELINE}  spool: disk\n  disk: {{ dir: {:?}, fsync: always }}\n",
+            dir.path().join("spool")
+        ),
+        (None, other) => return Err(format!("--spool {other}: memory or disk").into()),
     };
     let cfg = from_yaml_str(&yaml)?;
     let r = Reliability::from_config(&cfg).await?;
@@ -344,8 +354,8 @@ async fn run(args: Args) -> Result<bool, Box<dyn std::error::Error>> {
         ("elapsed", format!("{:.2} s", elapsed.as_secs_f64())),
     ];
     println!(
-        "\nevaluate: {} events, {} tenants, {} senders, seed {}\n",
-        args.events, args.tenants, args.senders, args.seed
+        "\nevaluate: {} events, {} tenants, {} senders, spool {}, seed {}\n",
+        args.events, args.tenants, args.senders, args.spool, args.seed
     );
     for (k, v) in &rows {
         println!("  {k:<44} {v:>16}");
