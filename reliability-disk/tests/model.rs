@@ -2,8 +2,9 @@
 //! the spool and a pure reference model that share one [`ManualClock`].
 //!
 //! Operations: enqueue (a batch of new and duplicate ids, random payload
-//! sizes and delays, now and then an oversize payload or an id repeated
-//! within the batch), lease, ack, nack, extend, dead-letter, redrive, purge,
+//! sizes and delays, now and then a record carried from another spool with
+//! attempts and an age, an oversize payload or an id repeated within the
+//! batch), lease, ack, nack, extend, dead-letter, redrive, purge,
 //! advance the clock, reopen (close, then open) and crash (drop without
 //! `close`, then open). The limits are small (6 records, 500 bytes, 200-byte
 //! records, 10-minute retention) and so are the segments (512 bytes), so full
@@ -98,6 +99,8 @@ struct Rec {
     id: u8,
     size: u16,
     delay_s: u8,
+    /// Carried from another spool: attempts made and age in seconds.
+    history: Option<(u8, u16)>,
 }
 
 impl std::fmt::Debug for Rec {
@@ -105,6 +108,9 @@ impl std::fmt::Debug for Rec {
         write!(f, "r{}:{}B", self.id, self.size)?;
         if self.delay_s > 0 {
             write!(f, "+{}s", self.delay_s)?;
+        }
+        if let Some((attempts, age_s)) = self.history {
+            write!(f, "(a{attempts},{age_s}s old)")?;
         }
         Ok(())
     }
@@ -132,8 +138,14 @@ fn rec() -> impl Strategy<Value = Rec> {
         0..IDS,
         prop_oneof![8 => 0u16..120, 1 => 120u16..=230],
         prop_oneof![4 => Just(0u8), 1 => 1u8..30],
+        prop_oneof![9 => Just(None), 1 => (0u8..5, 0u16..800).prop_map(Some)],
     )
-        .prop_map(|(id, size, delay_s)| Rec { id, size, delay_s })
+        .prop_map(|(id, size, delay_s, history)| Rec {
+            id,
+            size,
+            delay_s,
+            history,
+        })
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -557,7 +569,13 @@ impl Run {
             self.model.serial += 1;
             let id = rid(r.id);
             let p = payload(id.as_str(), self.model.serial, usize::from(r.size));
-            batch.push(NewRecord::new(id, p).with_delay(Duration::from_secs(u64::from(r.delay_s))));
+            let mut rec =
+                NewRecord::new(id, p).with_delay(Duration::from_secs(u64::from(r.delay_s)));
+            if let Some((attempts, age_s)) = r.history {
+                let at = now.saturating_sub(Duration::from_secs(u64::from(age_s)));
+                rec = rec.with_history(u32::from(attempts), at);
+            }
+            batch.push(rec);
         }
         if repeat {
             let first = batch[0].clone();
@@ -611,8 +629,8 @@ impl Run {
                 r.id.clone(),
                 Live {
                     payload: r.payload.clone(),
-                    attempts: 0,
-                    enqueued_at: now,
+                    attempts: r.attempts,
+                    enqueued_at: r.enqueued_at.unwrap_or(now),
                     state: State::Waiting {
                         due: now.saturating_add(r.delay),
                     },
