@@ -56,6 +56,11 @@ pub(crate) fn map(err: &RedisError, context: &str) -> (Error, Disposition) {
         Some("READONLY") => {
             return unavailable(UnavailableReason::ReadOnly, Disposition::Reconnect)
         }
+        // `min-replicas-to-write` not met: typically a demoted master that
+        // lost its replicas to the new one.
+        Some("NOREPLICAS") => {
+            return unavailable(UnavailableReason::ReadOnly, Disposition::Reconnect)
+        }
         Some("MASTERDOWN") => {
             return unavailable(UnavailableReason::MasterDown, Disposition::Reconnect)
         }
