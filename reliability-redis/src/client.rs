@@ -445,7 +445,10 @@ impl RedisClient {
     }
 
     fn dispose(&self, err: Error, disposition: Disposition) -> Error {
-        if disposition == Disposition::Reconnect {
+        // A cluster connection reconnects its nodes and refreshes its slot
+        // map itself; rebuilding it would only add a connect to every node
+        // (one of which may hang) to the next call.
+        if disposition == Disposition::Reconnect && self.inner.mode != Mode::Cluster {
             let dropped = self.inner.pool.retain(|_, _| false).removed.len();
             tracing::warn!(
                 error = %err,
