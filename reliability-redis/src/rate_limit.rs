@@ -151,6 +151,19 @@ impl RedisRateLimiter {
     pub fn client(&self) -> &RedisClient {
         &self.client
     }
+
+    /// The SHA1 of the GCRA script, for `EVALSHA` from other tools (the
+    /// bench runs `redis-benchmark` on exactly this script). Its `ARGV` are
+    /// `now` (empty: Redis `TIME`), the expiry margin in ms, `T` in µs, the
+    /// burst and the cost.
+    pub fn script_sha(&self) -> String {
+        self.script.get_hash().to_string()
+    }
+
+    /// The script's source, to load it where the limiter has not run yet.
+    pub fn script_source() -> String {
+        format!("{LUA_NOW}{GCRA}")
+    }
 }
 
 fn micros(v: Option<&Value>) -> Option<u64> {
