@@ -20,8 +20,8 @@
 
 pub mod client;
 mod error;
-mod probe;
 pub mod idempotency;
+mod probe;
 pub mod rate_limit;
 mod script;
 mod spool;

@@ -55,7 +55,6 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-
 use crate::capability::Capabilities;
 use crate::config::{FallbackConfig, RateLimitFallback};
 use crate::error::{Error, Result};
