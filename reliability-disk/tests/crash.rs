@@ -284,7 +284,10 @@ fn run_child(dir: &Path, cycle: u64, kill_after: u64) -> (Vec<String>, Vec<Strin
     let reader = std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines() {
             let Ok(line) = line else { break };
-            if line.starts_with("@@") && tx.send(line).is_err() {
+            // libtest may print "test crash_child ... " before the child's
+            // first line, on the same line.
+            let Some(at) = line.find("@@") else { continue };
+            if tx.send(line[at..].to_string()).is_err() {
                 break;
             }
         }
