@@ -609,8 +609,11 @@ impl Manager {
                     settings = settings.set_password(p.expose());
                 }
                 let info = info.set_redis_settings(settings);
-                let client =
-                    Client::open(info).map_err(|e| config_error("reliability.redis.url", &e))?;
+                let client = if url.is_tls() {
+                    tls_client(info, cfg)?
+                } else {
+                    Client::open(info).map_err(|e| config_error("reliability.redis.url", &e))?
+                };
                 Ok((
                     Mode::Standalone,
                     Manager {
@@ -715,6 +718,65 @@ impl Manager {
             )),
         }
     }
+}
+
+/// A standalone `rediss://` client: the CA of `tls.caFile` (else the
+/// system roots) and, for mutual TLS, `certFile` / `keyFile`.
+#[cfg(feature = "tls")]
+fn tls_client(info: redis::ConnectionInfo, cfg: &RedisConfig) -> Result<Client> {
+    use redis::{ClientTlsConfig, TlsCertificates};
+    // redis-rs enables rustls without a crypto provider; install ring's
+    // unless the host installed one.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let read = |field: &str, path: &std::path::Path| {
+        std::fs::read(path).map_err(|e| {
+            Error::config(
+                format!("reliability.redis.tls.{field}"),
+                format!("cannot read {}: {e}", path.display()),
+            )
+        })
+    };
+    let tls = cfg.tls.clone().unwrap_or_default();
+    if tls.insecure_skip_verify {
+        return Err(Error::config(
+            "reliability.redis.tls.insecureSkipVerify",
+            "is not supported; give the server's CA as caFile",
+        ));
+    }
+    let root_cert = tls
+        .ca_file
+        .as_deref()
+        .map(|p| read("caFile", p))
+        .transpose()?;
+    let client_tls = match (&tls.cert_file, &tls.key_file) {
+        (Some(c), Some(k)) => Some(ClientTlsConfig {
+            client_cert: read("certFile", c)?,
+            client_key: read("keyFile", k)?,
+        }),
+        (None, None) => None,
+        _ => {
+            return Err(Error::config(
+                "reliability.redis.tls",
+                "certFile and keyFile go together",
+            ))
+        }
+    };
+    Client::build_with_tls(
+        info,
+        TlsCertificates {
+            client_tls,
+            root_cert,
+        },
+    )
+    .map_err(|e| config_error("reliability.redis.url", &e))
+}
+
+#[cfg(not(feature = "tls"))]
+fn tls_client(_: redis::ConnectionInfo, _: &RedisConfig) -> Result<Client> {
+    Err(Error::config(
+        "reliability.redis.url",
+        "rediss:// needs the `tls` feature of crate reliability-redis",
+    ))
 }
 
 fn connection_info(url: &RedisUrl, field: &str) -> Result<redis::ConnectionInfo> {

@@ -15,6 +15,7 @@
 //!
 //! | feature | default | what it adds |
 //! |---|---|---|
+//! | `tls` | no | `rediss://` connections (rustls with the ring provider; standalone servers) |
 //! | `test-harness` | no | `harness`: starts `redis-server`, Sentinel sets and clusters on free loopback ports, for tests |
 #![doc(test(attr(deny(warnings))))]
 
