@@ -16,8 +16,11 @@
 //! 64 producers >= 100,000 records/s and >= 20x queue-file. Exits 1 if one
 //! is missed.
 //!
-//! `BENCH_SECS` (default 3) sets each measurement's length; `BENCH_DIR` the
-//! directory to measure in (default: the system temp dir).
+//! The four measurements take turns (`BENCH_ROUNDS`, default 3, turns of
+//! `BENCH_SECS / BENCH_ROUNDS`), so a neighbour loading the disk or the CPU
+//! for a while skews them alike. `BENCH_SECS` (default 3) sets each
+//! measurement's total length; `BENCH_DIR` the directory to measure in
+//! (default: the system temp dir).
 #![allow(clippy::print_stdout, reason = "a bench prints its table")]
 
 use std::io::Write;
@@ -40,6 +43,13 @@ struct Measured {
 }
 
 impl Measured {
+    fn merge(&mut self, other: Measured) {
+        self.records += other.records;
+        self.elapsed += other.elapsed;
+        self.latencies.extend(other.latencies);
+        self.latencies.sort_unstable();
+    }
+
     fn rate(&self) -> f64 {
         self.records as f64 / self.elapsed.as_secs_f64()
     }
@@ -164,6 +174,11 @@ fn main() {
             .and_then(|s| s.parse().ok())
             .unwrap_or(3.0),
     );
+    let rounds: u32 = std::env::var("BENCH_ROUNDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3)
+        .max(1);
     let root = match std::env::var_os("BENCH_DIR") {
         Some(d) => tempfile::tempdir_in(d),
         None => tempfile::tempdir(),
@@ -180,13 +195,24 @@ fn main() {
         .build()
         .expect("runtime");
 
-    let raw = raw_fsync(&sub("raw"), secs);
-    let one = rt.block_on(disk_spool(sub("spool1"), 1, secs));
-    let many = rt.block_on(disk_spool(sub("spool64"), 64, secs));
-    let qf = queue_file(&sub("qf"), secs);
+    // The four measurements take turns, `rounds` times, so a disk or CPU
+    // busy with something else for a while weighs on all of them alike.
+    let slice = secs / rounds;
+    let empty = || Measured {
+        records: 0,
+        elapsed: Duration::ZERO,
+        latencies: Vec::new(),
+    };
+    let (mut raw, mut one, mut many, mut qf) = (empty(), empty(), empty(), empty());
+    for r in 0..rounds {
+        raw.merge(raw_fsync(&sub(&format!("raw{r}")), slice));
+        one.merge(rt.block_on(disk_spool(sub(&format!("spool1-{r}")), 1, slice)));
+        many.merge(rt.block_on(disk_spool(sub(&format!("spool64-{r}")), 64, slice)));
+        qf.merge(queue_file(&sub(&format!("qf{r}")), slice));
+    }
 
     println!(
-        "durable 256-byte records, {:.1} s each, in {}",
+        "durable 256-byte records, {:.1} s each in {rounds} turns, in {}",
         secs.as_secs_f64(),
         root.path().display()
     );
