@@ -34,7 +34,11 @@ fn scan(mut buf: &[u8]) {
     while !buf.is_empty() {
         match decode(buf) {
             Ok(Some((entry, used))) => {
-                assert!(used > HEADER_LEN && used <= buf.len(), "used {used} of {}", buf.len());
+                assert!(
+                    used > HEADER_LEN && used <= buf.len(),
+                    "used {used} of {}",
+                    buf.len()
+                );
                 let mut out = Vec::new();
                 encode(&entry, &mut out);
                 let (again, len) = decode(&out)
