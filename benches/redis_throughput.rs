@@ -83,7 +83,10 @@ fn redis_benchmark(port: u16, requests: u64, args: &[&str]) -> f64 {
 }
 
 fn main() {
+    // One client thread, like redis-benchmark: on a 2-core machine a second
+    // worker thread would take the server's core.
     let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
         .enable_all()
         .build()
         .expect("runtime");

@@ -86,7 +86,8 @@ elseif h[1] ~= 'p' and h[1] ~= 'c' then
   return {-1}
 end
 local lease = tonumber(ARGV[5])
-redis.call('DEL', key)
+-- An expired entry's fields (e.g. an old result) must not survive.
+if h[1] then redis.call('DEL', key) end
 redis.call('HSET', key, 'st', 'p', 'fp', ARGV[3], 'tok', ARGV[4],
   'exp', string.format('%.0f', now + lease))
 redis.call('PEXPIRE', key, pttl(lease))
