@@ -12,7 +12,7 @@
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use reliability_core::config::RedisConfig;
@@ -309,70 +309,4 @@ async fn two_pools_share_one_spool() {
     assert_eq!((all.len(), unique.len()), (500, 500));
     let stats = a.stats().await.expect("stats");
     assert_eq!((stats.depth(), stats.bytes), (0, 0));
-}
-
-/// Throughput of enqueue (batches of 100) + lease (100) + ack on one
-/// standalone server from 8 tasks. Prints records/s; run with
-/// `--ignored --nocapture` in release mode for figures.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "a measurement, not a check"]
-#[allow(clippy::print_stdout, reason = "the figure is the point")]
-async fn throughput() {
-    let cfg = config_of(|| STANDALONE.config());
-    let spool = Arc::new(
-        RedisSpool::builder(client(&cfg).await, unique_namespace())
-            .limits(SpoolLimits::default().with_max_records(1_000_000))
-            .open()
-            .await
-            .expect("open"),
-    );
-    const TASKS: usize = 8;
-    const ROUNDS: usize = 50;
-    const BATCH: usize = 100;
-    let started = Instant::now();
-    let mut tasks = Vec::new();
-    for t in 0..TASKS {
-        let spool = spool.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut n = 0;
-            for r in 0..ROUNDS {
-                spool
-                    .enqueue(
-                        (0..BATCH)
-                            .map(|i| {
-                                NewRecord::new(
-                                    RecordId::new(format!("t{t}-{r}-{i}")).expect("id"),
-                                    vec![7u8; 256],
-                                )
-                            })
-                            .collect(),
-                    )
-                    .await
-                    .expect("enqueue");
-                for l in spool
-                    .lease(BATCH, Duration::from_secs(60))
-                    .await
-                    .expect("lease")
-                {
-                    spool.ack(&l.token).await.expect("ack");
-                    n += 1;
-                }
-            }
-            n
-        }));
-    }
-    let mut acked = 0;
-    for t in tasks {
-        acked += t.await.expect("task");
-    }
-    let secs = started.elapsed().as_secs_f64();
-    let total = TASKS * ROUNDS * BATCH;
-    println!(
-        "redis spool: {total} records enqueued (batches of {BATCH}), {acked} leased and acked one by one, \
-         {TASKS} tasks: {secs:.2} s, {:.0} records/s",
-        total as f64 / secs
-    );
-    let stats =
-        tokio::task::block_in_place(|| STANDALONE.info_field("commandstats", "cmdstat_evalsha"));
-    println!("server-side EVALSHA: {}", stats.unwrap_or_default());
 }
