@@ -211,7 +211,7 @@ impl ReadFiles {
 
 /// Everything under the state mutex.
 #[derive(Debug, Default)]
-struct State {
+pub(crate) struct State {
     index: Index,
     /// Ids whose enqueue frames are being written: duplicates, and they take
     /// room, but are not leasable yet.
@@ -224,7 +224,9 @@ struct State {
 #[derive(Debug)]
 struct Shared {
     dir: PathBuf,
-    state: Mutex<State>,
+    /// Shared with the writer thread, which runs the completions of a
+    /// committed batch under one lock.
+    state: Arc<Mutex<State>>,
     files: Arc<ReadFiles>,
 }
 
@@ -360,22 +362,28 @@ fn open_blocking(
         dir: dir.clone(),
         files: Mutex::new(HashMap::new()),
     });
-    let writer = Writer::new(
+    let quarantined = rec.findings.len() as u64;
+    let state = Arc::new(Mutex::new(State {
+        index: rec.index,
+        quarantined_total: quarantined,
+        ..State::default()
+    }));
+    let mut writer = Writer::new(
         dir.clone(),
         config.fsync,
         config.segment_max_bytes,
         active,
         counts,
         files.clone(),
-        fault,
+        state.clone(),
     )
     .map_err(|e| io_error("cannot open the active segment", &dir, e))?;
+    writer.fault = fault;
     let (tx, rx) = mpsc::channel();
     let handle = std::thread::Builder::new()
         .name("reliability-disk-writer".into())
         .spawn(move || writer.run(rx))
         .map_err(|e| io_error("cannot start the writer thread", &dir, e))?;
-    let quarantined = rec.findings.len() as u64;
     if quarantined > 0 {
         tracing::warn!(
             dir = %dir.display(),
@@ -383,17 +391,8 @@ fn open_blocking(
             "disk spool: opened with corrupt parts moved to quarantine"
         );
     }
-    let state = State {
-        index: rec.index,
-        quarantined_total: quarantined,
-        ..State::default()
-    };
     Ok(DiskSpool {
-        shared: Arc::new(Shared {
-            dir,
-            state: Mutex::new(state),
-            files,
-        }),
+        shared: Arc::new(Shared { dir, state, files }),
         limits: config.limits,
         mode: config.fsync,
         clock,
@@ -502,10 +501,12 @@ impl DiskSpool {
         enqueued_at.saturating_add(self.limits.retention) <= now
     }
 
-    /// Queues `frames` (call under the state lock, so log order is
-    /// state-change order).
+    /// Queues `frames` (call under the state lock, `st`, so log order is
+    /// state-change order). If the writer has stopped, `done` runs at once
+    /// on `st` with an error.
     fn send(
         &self,
+        st: &mut State,
         frames: Frames,
         sync: bool,
         enqueued: u64,
@@ -525,7 +526,7 @@ impl DiskSpool {
                 Ok(()) => Ok(rx),
                 Err(mpsc::SendError(Cmd::Write(mut req))) => {
                     if let Some(done) = req.done.take() {
-                        done(&Err(io::Error::other("writer stopped")));
+                        done(st, &Err(io::Error::other("writer stopped")));
                     }
                     Err(closed())
                 }
@@ -601,7 +602,7 @@ impl DiskSpool {
             let mut f = Frames::default();
             f.push(&Entry::Ack { id: id.clone() });
             f.released.push(loc.seg);
-            let _ = self.send(f, false, 0, None);
+            let _ = self.send(&mut st, f, false, 0, None);
         }
     }
 }
@@ -691,9 +692,7 @@ impl Spool for DiskSpool {
                     },
                 ));
             }
-            let shared = self.shared.clone();
-            let done: Completion = Box::new(move |r: &io::Result<Written>| {
-                let mut st = shared.state();
+            let done: Completion = Box::new(move |st: &mut State, r: &io::Result<Written>| {
                 for (id, rel, mut live) in placed {
                     st.pending.remove(&id);
                     st.pending_bytes -= u64::from(live.payload_len);
@@ -706,7 +705,7 @@ impl Spool for DiskSpool {
                 }
             });
             let sync = self.mode == FsyncMode::Always;
-            let rx = self.send(frames, sync, accepted as u64, Some(done))?;
+            let rx = self.send(&mut st, frames, sync, accepted as u64, Some(done))?;
             (rx, accepted, duplicates)
         };
         self.wait(rx, "enqueue failed").await?;
@@ -762,7 +761,7 @@ impl Spool for DiskSpool {
             if frames.bytes.is_empty() {
                 return Ok(Vec::new());
             }
-            (self.send(frames, false, 0, None)?, picked)
+            (self.send(&mut st, frames, false, 0, None)?, picked)
         };
         self.wait(rx, "lease failed").await?;
         let mut out = Vec::with_capacity(picked.len());
@@ -789,7 +788,7 @@ impl Spool for DiskSpool {
                         id: token.id().clone(),
                     });
                     f.released.push(live.loc.seg);
-                    self.send(f, false, 0, None)?
+                    self.send(&mut st, f, false, 0, None)?
                 }
                 Err(NotOwner::Gone) => return Ok(()),
                 Err(NotOwner::Lost) => return Err(lost(token)),
@@ -824,7 +823,7 @@ impl Spool for DiskSpool {
                 st.expired_total += 1;
                 st.index.bury(id, live, DeadReason::Expired, now, seq);
                 (
-                    self.send(f, false, 0, None)?,
+                    self.send(&mut st, f, false, 0, None)?,
                     NackOutcome::DeadLettered(DeadReason::Expired),
                 )
             } else {
@@ -836,7 +835,7 @@ impl Spool for DiskSpool {
                 });
                 st.index.insert_live(id, live);
                 (
-                    self.send(f, false, 0, None)?,
+                    self.send(&mut st, f, false, 0, None)?,
                     NackOutcome::Scheduled { retry_in },
                 )
             }
@@ -865,7 +864,7 @@ impl Spool for DiskSpool {
                 lease_until: until,
             });
             st.index.insert_live(token.id().clone(), live);
-            self.send(f, false, 0, None)?
+            self.send(&mut st, f, false, 0, None)?
         };
         self.wait(rx, "extend not persisted").await
     }
@@ -891,7 +890,7 @@ impl Spool for DiskSpool {
                 st.expired_total += 1;
             }
             st.index.bury(token.id().clone(), live, reason, now, seq);
-            self.send(f, false, 0, None)?
+            self.send(&mut st, f, false, 0, None)?
         };
         self.wait(rx, "dead-letter not persisted").await
     }
@@ -953,7 +952,7 @@ impl Spool for DiskSpool {
                     },
                 );
             }
-            (self.send(f, false, 0, None)?, ids.len())
+            (self.send(&mut st, f, false, 0, None)?, ids.len())
         };
         self.wait(rx, "redrive not persisted").await?;
         Ok(n)
@@ -974,7 +973,7 @@ impl Spool for DiskSpool {
                     f.released.push(d.loc.seg);
                 }
             }
-            (self.send(f, false, 0, None)?, ids.len())
+            (self.send(&mut st, f, false, 0, None)?, ids.len())
         };
         self.wait(rx, "purge not persisted").await?;
         Ok(n)

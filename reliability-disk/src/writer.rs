@@ -3,7 +3,8 @@
 //! Callers queue [`WriteReq`]s on a channel (under the spool's state mutex,
 //! so log order is state-change order). The thread takes everything queued,
 //! writes it in one `write`, syncs once if any request needs it, then runs
-//! each request's completion and wakes its caller. On a failed write the
+//! the completions of the batch under one lock of the state mutex and, with
+//! the lock released, wakes each caller (one oneshot send each). On a failed write the
 //! segment is truncated back to where the batch began and every request of
 //! the batch fails: the log never holds a partial batch followed by more.
 
@@ -14,13 +15,13 @@ use std::os::unix::fs::FileExt as _;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
 use tokio::sync::oneshot;
 
 use crate::recover::{segment_header, segment_path, segments_dir, sync_dir, SEG_HEADER_LEN};
-use crate::spool::{FsyncMode, ReadFiles};
+use crate::spool::{FsyncMode, ReadFiles, State};
 
 /// Largest batch the writer gathers before writing.
 const MAX_BATCH_BYTES: usize = 8 * 1024 * 1024;
@@ -32,9 +33,9 @@ pub(crate) struct Written {
     pub(crate) off: u64,
 }
 
-/// Runs on the writer thread once the request is written (and synced if it
-/// asked), or failed.
-pub(crate) type Completion = Box<dyn FnOnce(&io::Result<Written>) + Send>;
+/// Runs on the writer thread, under the spool's state lock, once the request
+/// is written (and synced if it asked), or failed; before its caller wakes.
+pub(crate) type Completion = Box<dyn FnOnce(&mut State, &io::Result<Written>) + Send>;
 
 pub(crate) struct WriteReq {
     pub(crate) bytes: Vec<u8>,
@@ -64,6 +65,8 @@ pub(crate) struct Writer {
     /// Records pinning each segment (live or dead), every segment listed.
     pub(crate) counts: BTreeMap<u32, u64>,
     pub(crate) files: Arc<ReadFiles>,
+    /// The spool's state, locked once per batch to run its completions.
+    state: Arc<Mutex<State>>,
     pub(crate) fault: Option<Arc<AtomicU64>>,
     dirty: bool,
     last_sync: Instant,
@@ -78,7 +81,7 @@ impl Writer {
         active: (u32, u64),
         counts: BTreeMap<u32, u64>,
         files: Arc<ReadFiles>,
-        fault: Option<Arc<AtomicU64>>,
+        state: Arc<Mutex<State>>,
     ) -> io::Result<Self> {
         let (seg, len) = active;
         let file = OpenOptions::new()
@@ -95,7 +98,8 @@ impl Writer {
             len,
             counts,
             files,
-            fault,
+            state,
+            fault: None,
             dirty: false,
             last_sync: Instant::now(),
             buf: Vec::new(),
@@ -225,29 +229,24 @@ impl Writer {
         let needs_sync = batch.iter().any(|r| r.sync);
         // Requests that need no sync are answered before it.
         let mut synced_later = Vec::new();
+        let mut now = Vec::new();
         for (req, off) in batch.drain(..).zip(offs) {
             let w = Written { seg: self.seg, off };
             if req.sync {
-                synced_later.push((req, w));
+                synced_later.push((req, Ok(w)));
             } else {
-                self.finish_req(req, Ok(w));
+                now.push((req, Ok(w)));
             }
         }
+        self.finish_all(now);
         if needs_sync {
-            match self.sync() {
-                Ok(()) => {
-                    for (req, w) in synced_later {
-                        self.finish_req(req, Ok(w));
-                    }
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, "disk spool: sync failed");
-                    for (req, _) in synced_later {
-                        let e = io::Error::new(e.kind(), format!("sync failed: {e}"));
-                        self.finish_req(req, Err(e));
-                    }
+            if let Err(e) = self.sync() {
+                tracing::error!(error = %e, "disk spool: sync failed");
+                for (_, r) in &mut synced_later {
+                    *r = Err(io::Error::new(e.kind(), format!("sync failed: {e}")));
                 }
             }
+            self.finish_all(synced_later);
         } else if let FsyncMode::Interval(d) = self.mode {
             if self.last_sync.elapsed() >= d {
                 self.sync_quietly();
@@ -257,25 +256,47 @@ impl Writer {
     }
 
     fn fail(&mut self, batch: &mut Vec<WriteReq>, e: &io::Error) {
-        for req in batch.drain(..) {
-            self.finish_req(req, Err(io::Error::new(e.kind(), e.to_string())));
-        }
+        let failed = batch
+            .drain(..)
+            .map(|req| (req, Err(io::Error::new(e.kind(), e.to_string()))))
+            .collect();
+        self.finish_all(failed);
         self.compact();
     }
 
-    fn finish_req(&mut self, mut req: WriteReq, r: io::Result<Written>) {
-        if let Ok(w) = &r {
-            *self.counts.entry(w.seg).or_insert(0) += req.enqueued;
+    /// Settles requests with their results: segment counts, then every
+    /// completion under one lock of the state, then (lock released) one
+    /// wake-up per caller, so woken callers do not queue on the lock.
+    fn finish_all(&mut self, reqs: Vec<(WriteReq, io::Result<Written>)>) {
+        if reqs.is_empty() {
+            return;
         }
-        for s in req.released.drain(..) {
-            if let Some(c) = self.counts.get_mut(&s) {
-                *c = c.saturating_sub(1);
+        let state = self.state.clone();
+        let mut st = None;
+        let mut replies = Vec::with_capacity(reqs.len());
+        for (mut req, r) in reqs {
+            if let Ok(w) = &r {
+                *self.counts.entry(w.seg).or_insert(0) += req.enqueued;
+            }
+            for s in req.released.drain(..) {
+                if let Some(c) = self.counts.get_mut(&s) {
+                    *c = c.saturating_sub(1);
+                }
+            }
+            if let Some(done) = req.done.take() {
+                let st = st.get_or_insert_with(|| {
+                    // Completions keep the state consistent step by step; a
+                    // poisoned lock is safe (as in `Shared::state`).
+                    state.lock().unwrap_or_else(PoisonError::into_inner)
+                });
+                done(st, &r);
+            }
+            if let Some(tx) = req.reply.take() {
+                replies.push((tx, r));
             }
         }
-        if let Some(done) = req.done.take() {
-            done(&r);
-        }
-        if let Some(tx) = req.reply.take() {
+        drop(st);
+        for (tx, r) in replies {
             let _ = tx.send(r);
         }
     }
