@@ -1,43 +1,4 @@
-//! The circuit breaker of [`Fallback`](super): when to stop calling the
-//! primary, and when to go back.
-//!
-//! States ([`BreakerState`]):
-//!
-//! - **Closed**: calls go to the primary. After
-//!   [`failure_threshold`](BreakerConfig::failure_threshold) consecutive
-//!   unavailable errors, or a failure ratio of at least
-//!   [`failure_ratio`](BreakerConfig::failure_ratio) over
-//!   [`ratio_window`](BreakerConfig::ratio_window) (once
-//!   [`ratio_min_calls`](BreakerConfig::ratio_min_calls) were seen), it opens.
-//! - **Open**: calls go straight to the secondary, paying no timeout. A
-//!   background [`Probe`] (see [`Breaker::spawn_probe`]) checks the primary;
-//!   its first success moves to HalfOpen.
-//! - **HalfOpen**: calls go to the primary again; after
-//!   [`success_threshold`](BreakerConfig::success_threshold) consecutive
-//!   successes it closes, after one failure it opens again.
-//! - **Isolated**: forced to the secondary by the operator
-//!   ([`Breaker::isolate`]) until [`Breaker::release`].
-//!
-//! The probe also runs while Closed, so an outage is detected without
-//! traffic. Every transition is a `tracing` event and a change on the
-//! [`subscribe`](Breaker::subscribe) channel.
-//!
-//! ```
-//! use reliability_core::fallback::{Breaker, BreakerConfig};
-//! use reliability_core::status::BreakerState;
-//! use reliability_core::{Error, UnavailableReason, ManualClock};
-//! use std::sync::Arc;
-//!
-//! let breaker = Breaker::new(BreakerConfig::default(), Arc::new(ManualClock::new()));
-//! let down = Error::unavailable("redis", UnavailableReason::Connection, "refused");
-//! for _ in 0..3 {
-//!     breaker.record_failure(&down);
-//! }
-//! assert_eq!(breaker.state(), BreakerState::Open);
-//! breaker.record_success(); // a probe succeeded
-//! breaker.record_success();
-//! assert_eq!(breaker.state(), BreakerState::Closed);
-//! ```
+//! The circuit breaker of `Fallback` (docs on [`Breaker`]).
 
 use std::fmt;
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -118,8 +79,46 @@ pub trait Probe: Send + Sync + fmt::Debug + 'static {
     async fn probe(&self) -> Result<()>;
 }
 
-/// A circuit breaker shared by every [`Fallback`](super) in front of one
-/// primary. See the [module docs](self).
+/// A circuit breaker shared by every [`Fallback`](super::Fallback) in front
+/// of one primary: when to stop calling the primary, and when to go back.
+///
+/// States ([`BreakerState`]):
+///
+/// - **Closed**: calls go to the primary. After
+///   [`failure_threshold`](BreakerConfig::failure_threshold) consecutive
+///   unavailable errors, or a failure ratio of at least
+///   [`failure_ratio`](BreakerConfig::failure_ratio) over
+///   [`ratio_window`](BreakerConfig::ratio_window) (once
+///   [`ratio_min_calls`](BreakerConfig::ratio_min_calls) were seen), it opens.
+/// - **Open**: calls go straight to the secondary, paying no timeout. A
+///   background [`Probe`] (see [`Breaker::spawn_probe`]) checks the primary;
+///   its first success moves to HalfOpen.
+/// - **HalfOpen**: calls go to the primary again; after
+///   [`success_threshold`](BreakerConfig::success_threshold) consecutive
+///   successes it closes, after one failure it opens again.
+/// - **Isolated**: forced to the secondary by the operator
+///   ([`Breaker::isolate`]) until [`Breaker::release`].
+///
+/// The probe also runs while Closed, so an outage is detected without
+/// traffic. Every transition is a `tracing` event and a change on the
+/// [`subscribe`](Breaker::subscribe) channel.
+///
+/// ```
+/// use reliability_core::fallback::{Breaker, BreakerConfig};
+/// use reliability_core::status::BreakerState;
+/// use reliability_core::{Error, UnavailableReason, ManualClock};
+/// use std::sync::Arc;
+///
+/// let breaker = Breaker::new(BreakerConfig::default(), Arc::new(ManualClock::new()));
+/// let down = Error::unavailable("redis", UnavailableReason::Connection, "refused");
+/// for _ in 0..3 {
+///     breaker.record_failure(&down);
+/// }
+/// assert_eq!(breaker.state(), BreakerState::Open);
+/// breaker.record_success(); // a probe succeeded
+/// breaker.record_success();
+/// assert_eq!(breaker.state(), BreakerState::Closed);
+/// ```
 pub struct Breaker {
     config: BreakerConfig,
     clock: SharedClock,
