@@ -4,9 +4,13 @@
 //! so log order is state-change order). The thread takes everything queued,
 //! writes it in one `write`, syncs once if any request needs it, then runs
 //! the completions of the batch under one lock of the state mutex and, with
-//! the lock released, wakes each caller (one oneshot send each). On a failed write the
-//! segment is truncated back to where the batch began and every request of
-//! the batch fails: the log never holds a partial batch followed by more.
+//! the lock released, wakes each caller (one oneshot send each). When only
+//! some of the callers the last sync answered have queued again, it waits a
+//! fraction of a sync (at most [`MAX_STRAGGLER_WAIT`]) for the others, so
+//! concurrent producers share one sync instead of splitting into groups that
+//! take turns; a lone caller never waits. On a failed write the segment is
+//! truncated back to where the batch began and every request of the batch
+//! fails: the log never holds a partial batch followed by more.
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
@@ -16,7 +20,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
@@ -25,6 +29,9 @@ use crate::spool::{FsyncMode, ReadFiles, State};
 
 /// Largest batch the writer gathers before writing.
 const MAX_BATCH_BYTES: usize = 8 * 1024 * 1024;
+
+/// Longest wait for the callers of the last sync to queue again.
+const MAX_STRAGGLER_WAIT: Duration = Duration::from_micros(200);
 
 /// Where a request's bytes landed.
 #[derive(Debug, Clone, Copy)]
@@ -70,6 +77,10 @@ pub(crate) struct Writer {
     pub(crate) fault: Option<Arc<AtomicU64>>,
     dirty: bool,
     last_sync: Instant,
+    /// Requests the last sync of a batch answered.
+    last_synced: usize,
+    /// How long that sync took.
+    last_sync_took: Duration,
     buf: Vec<u8>,
 }
 
@@ -102,6 +113,8 @@ impl Writer {
             fault: None,
             dirty: false,
             last_sync: Instant::now(),
+            last_synced: 0,
+            last_sync_took: Duration::ZERO,
             buf: Vec::new(),
         })
     }
@@ -127,21 +140,41 @@ impl Writer {
             };
             let mut close = None;
             let mut bytes = 0;
+            let mut syncing = 0;
+            let mut waited = false;
             let mut next = Some(first);
-            while let Some(cmd) = next.take() {
-                match cmd {
-                    Cmd::Write(req) => {
-                        bytes += req.bytes.len();
-                        batch.push(req);
+            loop {
+                while let Some(cmd) = next.take() {
+                    match cmd {
+                        Cmd::Write(req) => {
+                            bytes += req.bytes.len();
+                            syncing += usize::from(req.sync);
+                            batch.push(req);
+                        }
+                        Cmd::Close(tx) => {
+                            close = Some(tx);
+                            break;
+                        }
                     }
-                    Cmd::Close(tx) => {
-                        close = Some(tx);
+                    if bytes >= MAX_BATCH_BYTES {
                         break;
                     }
+                    next = rx.try_recv().ok();
                 }
-                if bytes >= MAX_BATCH_BYTES {
+                // The callers the last sync woke are coming back: when only
+                // some of them are queued, give the rest a moment (a fraction
+                // of a sync) to join this sync instead of waiting a whole
+                // extra one. One caller alone never waits.
+                if waited
+                    || close.is_some()
+                    || bytes >= MAX_BATCH_BYTES
+                    || syncing == 0
+                    || syncing >= self.last_synced
+                {
                     break;
                 }
+                waited = true;
+                std::thread::sleep(self.straggler_wait());
                 next = rx.try_recv().ok();
             }
             if !batch.is_empty() {
@@ -154,6 +187,12 @@ impl Writer {
             }
         }
         let _ = self.finish();
+    }
+
+    /// How long the writer waits for callers of the last sync to come back
+    /// before writing a batch holding only some of them.
+    fn straggler_wait(&self) -> Duration {
+        (self.last_sync_took / 4).min(MAX_STRAGGLER_WAIT)
     }
 
     fn interval_deadline(&self) -> Option<Instant> {
@@ -240,7 +279,11 @@ impl Writer {
         }
         self.finish_all(now);
         if needs_sync {
-            if let Err(e) = self.sync() {
+            let t = Instant::now();
+            let synced = self.sync();
+            self.last_sync_took = t.elapsed();
+            self.last_synced = synced_later.len();
+            if let Err(e) = synced {
                 tracing::error!(error = %e, "disk spool: sync failed");
                 for (_, r) in &mut synced_later {
                     *r = Err(io::Error::new(e.kind(), format!("sync failed: {e}")));
