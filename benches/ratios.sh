@@ -28,7 +28,7 @@ rows = [
     # (what, group, ours, anchor, target: ours/anchor time must be <= this)
     ("memory claim vs raw moka entry().or_insert_with (new keys)", "claim_new_key", "memory", "moka_raw", 1.3),
     ("local check (check_sync) vs raw governor keyed check", "rate_limit_check", "local_check_sync", "governor_keyed", 1.5),
-    ("local check via dyn RateLimiter (boxed future) vs governor", "rate_limit_check", "local", "governor_keyed", 1.5),
+    ("local check through the RateLimiter trait (CheckFuture) vs governor", "rate_limit_check", "local", "governor_keyed", 1.5),
 ]
 failed = False
 print(f"{'comparison':62} {'ours ns':>9} {'anchor ns':>9} {'ratio':>6} {'target':>7}")

@@ -222,6 +222,7 @@ enum CheckInner<'a> {
 
 impl<'a> CheckFuture<'a> {
     /// A decision already made (in-process limiters).
+    #[inline]
     pub fn ready(decision: Result<Decision>) -> Self {
         CheckFuture(CheckInner::Ready(Some(decision)))
     }
@@ -235,6 +236,7 @@ impl<'a> CheckFuture<'a> {
 impl Future for CheckFuture<'_> {
     type Output = Result<Decision>;
 
+    #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match &mut self.get_mut().0 {
             CheckInner::Ready(d) => Poll::Ready(d.take().unwrap_or_else(|| {

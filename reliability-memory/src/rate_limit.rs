@@ -237,6 +237,7 @@ impl RateLimiter for LocalRateLimiter {
         Capabilities::new("local").with_bounded(true)
     }
 
+    #[inline]
     fn check<'a>(&'a self, key: &'a str, quota: Quota, cost: u32) -> CheckFuture<'a> {
         CheckFuture::ready(self.check_sync(key, quota, cost))
     }
