@@ -1,14 +1,14 @@
 //! [`inspect`] and [`repair`]: what a spool directory holds, and moving what
 //! is corrupt to quarantine.
 
-use std::fs::{self, OpenOptions};
+use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 
-use reliability_core::{Error, Result, UnavailableReason};
+use reliability_core::Result;
 
 use crate::recover::{quarantine_dir, recover};
-use crate::spool::BACKEND;
+use crate::spool::{io_error, lock_dir};
 
 /// What kind of damage was found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -144,15 +144,6 @@ pub struct RepairReport {
     pub records: u64,
 }
 
-fn io_err(what: &str, dir: &Path, e: io::Error) -> Error {
-    Error::Unavailable {
-        backend: BACKEND,
-        reason: UnavailableReason::Io,
-        message: format!("{what} ({}): {e}", dir.display()),
-        source: Some(Box::new(e)),
-    }
-}
-
 /// Lists `quarantine/`: one item per `.reason` file.
 fn quarantined(dir: &Path) -> io::Result<Vec<QuarantinedItem>> {
     let mut out = Vec::new();
@@ -184,13 +175,13 @@ fn quarantined(dir: &Path) -> io::Result<Vec<QuarantinedItem>> {
 /// cannot be read.
 pub fn inspect(dir: &Path) -> Result<InspectReport> {
     if !dir.is_dir() {
-        return Err(io_err(
+        return Err(io_error(
             "not a spool directory",
             dir,
             io::Error::from(io::ErrorKind::NotFound),
         ));
     }
-    let rec = recover(dir, false).map_err(|e| io_err("cannot read the spool", dir, e))?;
+    let rec = recover(dir, false).map_err(|e| io_error("cannot read the spool", dir, e))?;
     let per_seg = rec.index.records_per_segment();
     let segments = rec
         .segments
@@ -215,7 +206,7 @@ pub fn inspect(dir: &Path) -> Result<InspectReport> {
         leased,
         dead: rec.index.dead_ids.len() as u64,
         bytes: rec.index.bytes,
-        quarantined: quarantined(dir).map_err(|e| io_err("cannot list quarantine", dir, e))?,
+        quarantined: quarantined(dir).map_err(|e| io_error("cannot list quarantine", dir, e))?,
         corruption: rec.findings,
     })
 }
@@ -230,36 +221,14 @@ pub fn inspect(dir: &Path) -> Result<InspectReport> {
 /// cannot be read or written, or is locked by an open spool.
 pub fn repair(dir: &Path) -> Result<RepairReport> {
     if !dir.is_dir() {
-        return Err(io_err(
+        return Err(io_error(
             "not a spool directory",
             dir,
             io::Error::from(io::ErrorKind::NotFound),
         ));
     }
-    let lock = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(dir.join("LOCK"))
-        .map_err(|e| io_err("cannot open the lock file", dir, e))?;
-    match fs4::FileExt::try_lock(&lock) {
-        Ok(()) => {}
-        Err(fs4::TryLockError::WouldBlock) => {
-            return Err(Error::unavailable(
-                BACKEND,
-                UnavailableReason::Io,
-                format!(
-                    "spool directory {} is in use: another open DiskSpool holds its lock",
-                    dir.display()
-                ),
-            ))
-        }
-        Err(fs4::TryLockError::Error(e)) => {
-            return Err(io_err("cannot lock the spool directory", dir, e))
-        }
-    }
-    let rec = recover(dir, true).map_err(|e| io_err("cannot repair the spool", dir, e))?;
+    let lock = lock_dir(dir)?;
+    let rec = recover(dir, true).map_err(|e| io_error("cannot repair the spool", dir, e))?;
     let _ = fs4::FileExt::unlock(&lock);
     Ok(RepairReport {
         quarantined: rec.findings,

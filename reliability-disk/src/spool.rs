@@ -288,7 +288,37 @@ impl fmt::Debug for DiskSpool {
     }
 }
 
-fn io_error(what: &str, dir: &Path, e: io::Error) -> Error {
+/// Takes the exclusive OS lock of `dir/LOCK` (released by the OS when the
+/// process dies: no stale lock file after kill -9).
+///
+/// # Errors
+/// Unavailable (Io) naming the directory when another owner holds it or the
+/// file cannot be opened.
+pub(crate) fn lock_dir(dir: &Path) -> Result<File> {
+    let lock = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(dir.join("LOCK"))
+        .map_err(|e| io_error("cannot open the lock file", dir, e))?;
+    match fs4::FileExt::try_lock(&lock) {
+        Ok(()) => Ok(lock),
+        Err(fs4::TryLockError::WouldBlock) => Err(Error::unavailable(
+            BACKEND,
+            UnavailableReason::Io,
+            format!(
+                "spool directory {} is in use: another open DiskSpool holds its lock",
+                dir.display()
+            ),
+        )),
+        Err(fs4::TryLockError::Error(e)) => {
+            Err(io_error("cannot lock the spool directory", dir, e))
+        }
+    }
+}
+
+pub(crate) fn io_error(what: &str, dir: &Path, e: io::Error) -> Error {
     Error::Unavailable {
         backend: BACKEND,
         reason: UnavailableReason::Io,
@@ -316,29 +346,7 @@ fn open_blocking(
 ) -> Result<DiskSpool> {
     let dir = config.dir.clone();
     fs::create_dir_all(&dir).map_err(|e| io_error("cannot create the spool directory", &dir, e))?;
-    let lock = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(dir.join("LOCK"))
-        .map_err(|e| io_error("cannot open the lock file", &dir, e))?;
-    match fs4::FileExt::try_lock(&lock) {
-        Ok(()) => {}
-        Err(fs4::TryLockError::WouldBlock) => {
-            return Err(Error::unavailable(
-                BACKEND,
-                UnavailableReason::Io,
-                format!(
-                    "spool directory {} is in use: another open DiskSpool holds its lock",
-                    dir.display()
-                ),
-            ))
-        }
-        Err(fs4::TryLockError::Error(e)) => {
-            return Err(io_error("cannot lock the spool directory", &dir, e))
-        }
-    }
+    let lock = lock_dir(&dir)?;
     let rec = recover(&dir, true).map_err(|e| io_error("cannot read the spool", &dir, e))?;
     let active = match rec.active() {
         Some(a) => a,
@@ -413,6 +421,21 @@ impl Frames {
     fn push(&mut self, e: &Entry) {
         codec::encode(e, &mut self.bytes);
     }
+}
+
+/// Moves a record past retention to the dead-letter queue as `Expired`:
+/// logs the frame, counts it, and updates the index.
+fn expire(st: &mut State, frames: &mut Frames, id: RecordId, live: Live, now: Timestamp) {
+    let seq = st.index.seq();
+    frames.push(&Entry::DeadLetter {
+        id: id.clone(),
+        seq,
+        dead_at: now,
+        attempts: live.attempts,
+        reason: DeadReason::Expired,
+    });
+    st.expired_total += 1;
+    st.index.bury(id, live, DeadReason::Expired, now, seq);
 }
 
 /// What `lease` hands out, payload still on disk.
@@ -728,16 +751,7 @@ impl Spool for DiskSpool {
                     break;
                 };
                 if self.expired(live.enqueued_at, now) {
-                    let seq = st.index.seq();
-                    frames.push(&Entry::DeadLetter {
-                        id: id.clone(),
-                        seq,
-                        dead_at: now,
-                        attempts: live.attempts,
-                        reason: DeadReason::Expired,
-                    });
-                    st.expired_total += 1;
-                    st.index.bury(id, live, DeadReason::Expired, now, seq);
+                    expire(&mut st, &mut frames, id, live, now);
                     continue;
                 }
                 let token = LeaseToken::generate();
@@ -812,16 +826,7 @@ impl Spool for DiskSpool {
             let id = token.id().clone();
             let mut f = Frames::default();
             if self.expired(live.enqueued_at, now) {
-                let seq = st.index.seq();
-                f.push(&Entry::DeadLetter {
-                    id: id.clone(),
-                    seq,
-                    dead_at: now,
-                    attempts: live.attempts,
-                    reason: DeadReason::Expired,
-                });
-                st.expired_total += 1;
-                st.index.bury(id, live, DeadReason::Expired, now, seq);
+                expire(&mut st, &mut f, id, live, now);
                 (
                     self.send(&mut st, f, false, 0, None)?,
                     NackOutcome::DeadLettered(DeadReason::Expired),
