@@ -171,7 +171,7 @@ fn quarantined(dir: &Path) -> io::Result<Vec<QuarantinedItem>> {
 /// e.g. a frame being written looks like a torn tail).
 ///
 /// # Errors
-/// [`Error::Unavailable`] with [`UnavailableReason::Io`] if the directory
+/// [`Error::Unavailable`](reliability_core::Error::Unavailable) with [`UnavailableReason::Io`](reliability_core::UnavailableReason::Io) if the directory
 /// cannot be read.
 pub fn inspect(dir: &Path) -> Result<InspectReport> {
     if !dir.is_dir() {
@@ -217,7 +217,7 @@ pub fn inspect(dir: &Path) -> Result<InspectReport> {
 /// recorded. Takes the directory's lock for the time it runs.
 ///
 /// # Errors
-/// [`Error::Unavailable`] with [`UnavailableReason::Io`] if the directory
+/// [`Error::Unavailable`](reliability_core::Error::Unavailable) with [`UnavailableReason::Io`](reliability_core::UnavailableReason::Io) if the directory
 /// cannot be read or written, or is locked by an open spool.
 pub fn repair(dir: &Path) -> Result<RepairReport> {
     if !dir.is_dir() {
