@@ -35,6 +35,17 @@ pub struct Reliability {
     rate_limiter: Arc<dyn RateLimiter>,
     spool: Option<Arc<dyn Spool>>,
     status: StatusHub,
+    #[cfg(feature = "redis")]
+    redis: Option<Arc<RedisRuntime>>,
+}
+
+/// The Redis parts of the `redis-enabled` profile and their background
+/// tasks (stopped when the last clone of the [`Reliability`] goes).
+#[cfg(feature = "redis")]
+#[derive(Debug)]
+struct RedisRuntime {
+    parts: crate::redis_enabled::RedisParts,
+    _tasks: Vec<crate::redis_enabled::Background>,
 }
 
 impl Reliability {
@@ -88,6 +99,40 @@ impl Reliability {
         &self.key_space
     }
 
+    /// The breaker shared by the components configured `redis` (profile
+    /// `redis-enabled`), for operators: [`Breaker::isolate`] forces local
+    /// answers, [`Breaker::release`] lets the probe bring Redis back.
+    /// `None` when no component is on Redis.
+    ///
+    /// [`Breaker::isolate`]: reliability_core::fallback::Breaker::isolate
+    /// [`Breaker::release`]: reliability_core::fallback::Breaker::release
+    #[cfg(feature = "redis")]
+    pub fn breaker(&self) -> Option<&Arc<reliability_core::fallback::Breaker>> {
+        self.redis.as_ref().map(|r| &r.parts.breaker)
+    }
+
+    /// The Redis client shared by the components configured `redis`.
+    #[cfg(feature = "redis")]
+    pub fn redis_client(&self) -> Option<&reliability_redis::RedisClient> {
+        self.redis.as_ref().map(|r| &r.parts.client)
+    }
+
+    /// Runs one failback pass now: replays the claims answered locally to
+    /// Redis and moves the records spooled locally back (a background task
+    /// does the same whenever the breaker closes, and every second while it
+    /// stays closed). Does nothing while Redis is not taking traffic.
+    ///
+    /// # Errors
+    /// A caller error of Redis while draining (e.g. [`Error::Full`]); the
+    /// records stay local.
+    #[cfg(feature = "redis")]
+    pub async fn failback_now(&self) -> Result<crate::FailbackReport> {
+        match &self.redis {
+            Some(r) => r.parts.failback_now(&self.status).await,
+            None => Ok(crate::FailbackReport::default()),
+        }
+    }
+
     /// Reads the spool's statistics into the status (depth, dead, alert).
     /// Does nothing without a spool.
     ///
@@ -129,11 +174,16 @@ impl ReliabilityBuilder {
         let key_space = KeySpace::new(config.key_prefix.clone(), config.namespace.clone())
             .map_err(|e| Error::config("reliability.keyPrefix", e.to_string()))?;
         let clock = self.clock.unwrap_or_else(system_clock);
+        let status = StatusHub::new(HealthStatus::from_config(&config));
+
+        #[cfg(feature = "redis")]
+        if uses_redis(&config) {
+            return build_redis_enabled(config, clock, key_space, status).await;
+        }
 
         let idempotency = idempotency_store(&config, &clock, &key_space).await?;
         let rate_limiter = rate_limiter(&config, &clock, &key_space).await?;
         let spool = spool(&config, &clock, &key_space).await?;
-        let status = StatusHub::new(HealthStatus::from_config(&config));
         Ok(Reliability {
             config: Arc::new(config),
             key_space,
@@ -141,8 +191,117 @@ impl ReliabilityBuilder {
             rate_limiter,
             spool,
             status,
+            #[cfg(feature = "redis")]
+            redis: None,
         })
     }
+}
+
+/// Whether any component is configured `redis`.
+#[cfg(feature = "redis")]
+fn uses_redis(config: &ReliabilityConfig) -> bool {
+    config.idempotency_backend() == IdempotencyBackend::Redis
+        || config.rate_limiter_backend() == RateLimiterBackend::Redis
+        || config.spool_backend() == SpoolBackend::Redis
+}
+
+/// Builds the components of a configuration with at least one on Redis:
+/// those are `Fallback(redis, local)` on one lazy client and one breaker
+/// (see `redis_enabled.rs`); the others are built as in the baseline.
+#[cfg(feature = "redis")]
+async fn build_redis_enabled(
+    config: ReliabilityConfig,
+    clock: SharedClock,
+    key_space: KeySpace,
+    status: StatusHub,
+) -> Result<Reliability> {
+    use reliability_core::fallback::RateLimitPolicy;
+
+    let mut parts = crate::redis_enabled::RedisParts::new(&config, &clock, &key_space)?;
+    let idempotency: Arc<dyn IdempotencyStore> = match config.idempotency_backend() {
+        IdempotencyBackend::Redis => parts.store(memory_store(&config, &clock)),
+        _ => idempotency_store(&config, &clock, &key_space).await?,
+    };
+    let rate_limiter: Arc<dyn RateLimiter> = match config.rate_limiter_backend() {
+        RateLimiterBackend::Redis => parts.limiter(
+            local_limiter(&config, &clock),
+            RateLimitPolicy::from(&config.fallback),
+        ),
+        _ => rate_limiter(&config, &clock, &key_space).await?,
+    };
+    let mut local_spool = SpoolBackend::None;
+    let spool: Option<Arc<dyn Spool>> = match config.spool_backend() {
+        SpoolBackend::Redis => {
+            let (local, backend) = redis_spool_secondary(&config, &clock).await?;
+            local_spool = backend;
+            Some(parts.spool(&config, local, key_space.namespace())?)
+        }
+        _ => spool(&config, &clock, &key_space).await?,
+    };
+    let tasks = parts.start(&config, &status, local_spool).await;
+    Ok(Reliability {
+        config: Arc::new(config),
+        key_space,
+        idempotency,
+        rate_limiter,
+        spool,
+        status,
+        redis: Some(Arc::new(RedisRuntime {
+            parts,
+            _tasks: tasks,
+        })),
+    })
+}
+
+/// Where the spool's records go while Redis is down: the disk spool when
+/// `disk` is configured, else the memory spool.
+#[cfg(feature = "redis")]
+async fn redis_spool_secondary(
+    config: &ReliabilityConfig,
+    clock: &SharedClock,
+) -> Result<(Arc<dyn Spool>, SpoolBackend)> {
+    #[cfg(feature = "disk")]
+    if config.disk.is_some() {
+        return Ok((
+            Arc::new(disk_spool(config, clock).await?),
+            SpoolBackend::Disk,
+        ));
+    }
+    #[cfg(not(feature = "disk"))]
+    if config.disk.is_some() {
+        return Err(disabled("disk", "disk", "disk"));
+    }
+    Ok((
+        Arc::new(
+            reliability_memory::MemorySpool::builder()
+                .limits(config.spool_limits.limits())
+                .clock(clock.clone())
+                .build(),
+        ),
+        SpoolBackend::Memory,
+    ))
+}
+
+#[cfg(feature = "memory")]
+fn memory_store(
+    config: &ReliabilityConfig,
+    clock: &SharedClock,
+) -> reliability_memory::MemoryIdempotencyStore {
+    reliability_memory::MemoryIdempotencyStore::builder()
+        .max_entries(config.memory.max_entries)
+        .clock(clock.clone())
+        .build()
+}
+
+#[cfg(feature = "memory")]
+fn local_limiter(
+    config: &ReliabilityConfig,
+    clock: &SharedClock,
+) -> reliability_memory::LocalRateLimiter {
+    reliability_memory::LocalRateLimiter::builder()
+        .max_keys(usize::try_from(config.memory.max_keys).unwrap_or(usize::MAX))
+        .clock(clock.clone())
+        .build()
 }
 
 // Unused when every backend feature is on.
@@ -173,19 +332,12 @@ async fn idempotency_store(
     let _ = (clock, key_space);
     match config.idempotency_backend() {
         #[cfg(feature = "memory")]
-        IdempotencyBackend::Memory => Ok(Arc::new(
-            reliability_memory::MemoryIdempotencyStore::builder()
-                .max_entries(config.memory.max_entries)
-                .clock(clock.clone())
-                .build(),
-        )),
+        IdempotencyBackend::Memory => Ok(Arc::new(memory_store(config, clock))),
         #[cfg(not(feature = "memory"))]
         IdempotencyBackend::Memory => Err(disabled("idempotencyStore", "memory", "memory")),
-        // Time comes from the Redis server (`TIME`), not from `clock`.
+        // Built by `build_redis_enabled`.
         #[cfg(feature = "redis")]
-        IdempotencyBackend::Redis => Ok(Arc::new(reliability_redis::RedisIdempotencyStore::new(
-            redis_client(config, key_space).await?,
-        ))),
+        IdempotencyBackend::Redis => unreachable!("redis components are built as fallbacks"),
         #[cfg(not(feature = "redis"))]
         IdempotencyBackend::Redis => Err(disabled("idempotencyStore", "redis", "redis")),
         other => Err(unsupported("idempotencyStore", other.as_str())),
@@ -200,19 +352,12 @@ async fn rate_limiter(
     let _ = (clock, key_space);
     match config.rate_limiter_backend() {
         #[cfg(feature = "memory")]
-        RateLimiterBackend::Local => Ok(Arc::new(
-            reliability_memory::LocalRateLimiter::builder()
-                .max_keys(usize::try_from(config.memory.max_keys).unwrap_or(usize::MAX))
-                .clock(clock.clone())
-                .build(),
-        )),
+        RateLimiterBackend::Local => Ok(Arc::new(local_limiter(config, clock))),
         #[cfg(not(feature = "memory"))]
         RateLimiterBackend::Local => Err(disabled("rateLimiter", "local", "memory")),
-        // Time comes from the Redis server (`TIME`), not from `clock`.
+        // Built by `build_redis_enabled`.
         #[cfg(feature = "redis")]
-        RateLimiterBackend::Redis => Ok(Arc::new(reliability_redis::RedisRateLimiter::new(
-            redis_client(config, key_space).await?,
-        ))),
+        RateLimiterBackend::Redis => unreachable!("redis components are built as fallbacks"),
         #[cfg(not(feature = "redis"))]
         RateLimiterBackend::Redis => Err(disabled("rateLimiter", "redis", "redis")),
         other => Err(unsupported("rateLimiter", other.as_str())),
@@ -231,16 +376,9 @@ async fn spool(
         SpoolBackend::Disk => Ok(Some(Arc::new(disk_spool(config, clock).await?))),
         #[cfg(not(feature = "disk"))]
         SpoolBackend::Disk => Err(disabled("spool", "disk", "disk")),
-        // Time comes from the Redis server (`TIME`), not from `clock`.
+        // Built by `build_redis_enabled`.
         #[cfg(feature = "redis")]
-        SpoolBackend::Redis => {
-            let client = redis_client(config, key_space).await?;
-            let spool = reliability_redis::RedisSpool::builder(client, key_space.namespace())
-                .limits(config.spool_limits.limits())
-                .open()
-                .await?;
-            Ok(Some(Arc::new(spool)))
-        }
+        SpoolBackend::Redis => unreachable!("redis components are built as fallbacks"),
         #[cfg(not(feature = "redis"))]
         SpoolBackend::Redis => Err(disabled("spool", "redis", "redis")),
         #[cfg(feature = "memory")]
@@ -254,19 +392,6 @@ async fn spool(
         SpoolBackend::Memory => Err(disabled("spool", "memory", "memory")),
         other => Err(unsupported("spool", other.as_str())),
     }
-}
-
-/// Connects to the configured Redis (standalone, Sentinel or Cluster).
-#[cfg(feature = "redis")]
-async fn redis_client(
-    config: &ReliabilityConfig,
-    key_space: &KeySpace,
-) -> Result<reliability_redis::RedisClient> {
-    let redis = config
-        .redis
-        .as_ref()
-        .ok_or_else(|| Error::config("reliability.redis", "required by the Redis backends"))?;
-    reliability_redis::RedisClient::connect(redis, key_space.clone()).await
 }
 
 /// The disk spool of `config.disk`: its directory, the spool limits with

@@ -9,8 +9,9 @@
 //! | feature | default | backends |
 //! |---|---|---|
 //! | `memory` | yes | `memory::{MemoryIdempotencyStore, LocalRateLimiter, MemorySpool}` |
-//! | `redis` | no | `redis::{RedisIdempotencyStore, RedisRateLimiter, RedisSpool}` |
-//! | `disk` | no | `disk::DiskSpool` |
+//! | `redis` | no | `redis::{RedisIdempotencyStore, RedisRateLimiter, RedisSpool}`; profile `redis-enabled` puts each in front of its in-process counterpart (`Fallback`); implies `memory` |
+//! | `tls` | no | `rediss://` for the Redis backends; implies `redis` |
+//! | `disk` | no | `disk::DiskSpool` (also the local side of a Redis spool when `disk` is configured) |
 #![doc(test(attr(deny(warnings))))]
 #![cfg_attr(doctest, doc = include_str!("../README.md"))]
 
@@ -18,8 +19,12 @@ pub use reliability_core::*;
 
 mod build;
 pub mod config;
+#[cfg(feature = "redis")]
+mod redis_enabled;
 
 pub use build::{Reliability, ReliabilityBuilder};
+#[cfg(feature = "redis")]
+pub use redis_enabled::FailbackReport;
 
 /// Redis backends (feature `redis`).
 #[cfg(feature = "redis")]

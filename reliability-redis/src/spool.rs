@@ -3,11 +3,12 @@
 //! is not a Redis stream, and how durability is reported.
 
 use std::fmt;
-use std::sync::LazyLock;
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use tokio::sync::OnceCell;
 use deadpool_redis::redis::{cmd, Script, Value};
 use reliability_core::clock::duration_micros;
 use reliability_core::key::validate_segment;
@@ -384,8 +385,10 @@ pub struct RedisSpool {
     base: String,
     namespace: String,
     limits: SpoolLimits,
-    /// The server's own durability (AOF settings), without `WAIT`.
-    durability: Durability,
+    /// The server's own durability (AOF settings), without `WAIT`: read
+    /// at open, or on the first call of a [lazily
+    /// opened](RedisSpoolBuilder::open_lazy) spool.
+    checked: Arc<OnceCell<Durability>>,
     wait: Option<(u32, Duration)>,
 }
 
@@ -435,6 +438,24 @@ impl RedisSpoolBuilder {
     /// [`wait_replicas`](Self::wait_replicas) on a Cluster; unavailable
     /// errors.
     pub async fn open(self) -> Result<RedisSpool> {
+        let spool = self.open_lazy()?;
+        spool.checked().await?;
+        tracing::debug!(spool = %spool.base, durability = ?spool.durability(), "redis spool opened");
+        Ok(spool)
+    }
+
+    /// Opens the spool without contacting the server, for a service that
+    /// must start while Redis is down (behind a
+    /// [`Fallback`](reliability_core::fallback::Fallback)). The checks of
+    /// [`open`](Self::open) run on the first call that reaches the server,
+    /// and that call fails with their error; until they succeed,
+    /// [`durability`](RedisSpool::durability) says
+    /// [`Durability::Volatile`] (nothing is known yet).
+    ///
+    /// # Errors
+    /// [`Error::InvalidKey`] for a bad namespace; [`Error::Config`] for
+    /// [`wait_replicas`](Self::wait_replicas) on a Cluster.
+    pub fn open_lazy(self) -> Result<RedisSpool> {
         validate_segment(&self.namespace)?;
         if self.wait.is_some() && self.client.mode() == Mode::Cluster {
             return Err(Error::config(
@@ -449,19 +470,16 @@ impl RedisSpoolBuilder {
             .iter()
             .map(|k| format!("{tagged}:{k}"))
             .collect();
-        let durability = server_durability(&self.client).await?;
-        let spool = RedisSpool {
+        Ok(RedisSpool {
             record_prefix: format!("{tagged}:r:"),
             client: self.client,
             keys,
             base,
             namespace: self.namespace,
             limits: self.limits,
-            durability,
+            checked: Arc::new(OnceCell::new()),
             wait: self.wait,
-        };
-        tracing::debug!(spool = %spool.base, durability = ?spool.durability(), "redis spool opened");
-        Ok(spool)
+        })
     }
 }
 
@@ -634,12 +652,31 @@ impl RedisSpool {
         self.limits
     }
 
-    /// The durability an enqueue reports (read from the server at open).
+    /// The durability an enqueue reports (read from the server at open;
+    /// [`Durability::Volatile`] while a lazily opened spool has not reached
+    /// the server yet).
     pub fn durability(&self) -> Durability {
         match self.wait {
             Some((replicas, _)) => Durability::Replicated { replicas },
-            None => self.durability,
+            None => self.server_durability(),
         }
+    }
+
+    /// The server's own durability, once checked.
+    fn server_durability(&self) -> Durability {
+        self.checked
+            .get()
+            .copied()
+            .unwrap_or(Durability::Volatile)
+    }
+
+    /// Runs the open checks once (eviction policy, AOF settings); a failed
+    /// check runs again on the next call.
+    async fn checked(&self) -> Result<Durability> {
+        self.checked
+            .get_or_try_init(|| server_durability(&self.client))
+            .await
+            .copied()
     }
 
     /// `{prefix}:spool:{namespace}`: the hash tag of every key of this spool.
@@ -673,6 +710,7 @@ impl RedisSpool {
     }
 
     async fn run(&self, script: &Script, args: &[Vec<u8>]) -> Result<Value> {
+        self.checked().await?;
         self.client.invoke(script, &self.keys, args).await
     }
 
@@ -702,12 +740,13 @@ impl RedisSpool {
         if acked >= replicas {
             return Ok(Durability::Replicated { replicas: acked });
         }
-        if self.durability != Durability::Volatile {
+        let own = self.server_durability();
+        if own != Durability::Volatile {
             tracing::warn!(
                 spool = %self.base, wanted = replicas, acked,
                 "redis spool: fewer replicas than asked acknowledged the batch"
             );
-            return Ok(self.durability);
+            return Ok(own);
         }
         Err(Error::unavailable(
             BACKEND,
@@ -779,9 +818,10 @@ impl Spool for RedisSpool {
         let (reply, durability) = match self.wait {
             None => (
                 self.run(&SCRIPTS.enqueue, &args).await?,
-                Ok(self.durability),
+                Ok(self.server_durability()),
             ),
             Some((replicas, timeout)) => {
+                self.checked().await?;
                 let (reply, acked) = self
                     .client
                     .invoke_replicated(&SCRIPTS.enqueue, &self.keys, &args, replicas, timeout)

@@ -285,6 +285,22 @@ impl Breaker {
         }
     }
 
+    /// Opens the breaker now, recording `error` as the last error: calls go
+    /// to the secondary at once and the probe decides when the primary takes
+    /// traffic again. For a primary found unreachable at start, so a service
+    /// starts degraded instead of paying timeouts. No-op unless closed or
+    /// half-open.
+    pub fn trip(&self, error: &Error) {
+        let mut g = self.lock();
+        let now = self.clock.now();
+        g.last_error = Some(error.to_string());
+        if matches!(g.state, BreakerState::Closed | BreakerState::HalfOpen) {
+            self.transition(&mut g, BreakerState::Open, now, "primary unreachable");
+        } else {
+            self.publish(&g);
+        }
+    }
+
     /// Forces every call to the secondary (operator action).
     pub fn isolate(&self) {
         let mut g = self.lock();
