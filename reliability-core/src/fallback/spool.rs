@@ -179,6 +179,7 @@ impl<P: Spool, S: Spool> Spool for Fallback<P, S> {
         Capabilities::new("fallback")
             .with_distributed(p.distributed)
             .with_durable(p.durable && s.durable)
+            .with_reopenable(p.reopenable && s.reopenable)
             .with_bounded(s.bounded)
     }
 
