@@ -129,9 +129,12 @@ impl RedisParts {
         local: Arc<dyn Spool>,
         namespace: &str,
     ) -> Result<Arc<FallbackSpool>> {
-        let primary = RedisSpool::builder(self.client.clone(), namespace)
-            .limits(config.spool_limits.limits())
-            .open_lazy()?;
+        let mut primary = RedisSpool::builder(self.client.clone(), namespace)
+            .limits(config.spool_limits.limits());
+        if let Some(r) = &config.redis {
+            primary = primary.wait_replicas(r.spool_wait_replicas, r.spool_wait_timeout);
+        }
+        let primary = primary.open_lazy()?;
         let f = Arc::new(
             Fallback::new(primary, local, Arc::clone(&self.breaker)).with_deadline(self.deadline),
         );

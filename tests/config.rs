@@ -122,6 +122,14 @@ async fn invalid_configurations_name_the_field() {
             Config("reliability.redis.poolSize"),
         ),
         (
+            "profile: redis-enabled\n  redis: { url: redis://h, spoolWaitReplicas: 1, spoolWaitTimeout: 0s }".into(),
+            Config("reliability.redis.spoolWaitTimeout"),
+        ),
+        (
+            "profile: redis-enabled\n  redis: { cluster: { urls: [redis://h] }, spoolWaitReplicas: 1 }".into(),
+            Config("reliability.redis.spoolWaitReplicas"),
+        ),
+        (
             "profile: redis-enabled\n  redis: { url: redis://h, password: '***' }".into(),
             Config("reliability.redis.password"),
         ),
@@ -358,6 +366,8 @@ reliability:
     responseTimeout: 150ms
     poolTimeout: 100ms
     poolSize: 32
+    spoolWaitReplicas: 1
+    spoolWaitTimeout: 500ms
   disk:
     dir: /var/lib/gateway/spool
     maxBytes: 1073741824

@@ -635,6 +635,8 @@ pub const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_millis(500);
 pub const DEFAULT_POOL_TIMEOUT: Duration = Duration::from_millis(200);
 /// Default connection pool size.
 pub const DEFAULT_POOL_SIZE: u32 = 16;
+/// Default wait for replicas after a spool enqueue (when asked for): 1 s.
+pub const DEFAULT_SPOOL_WAIT_TIMEOUT: Duration = Duration::from_secs(1);
 /// Default idempotency entries held in memory.
 pub const DEFAULT_MAX_ENTRIES: u64 = 100_000;
 /// Default rate-limiter keys held in memory.
@@ -737,6 +739,15 @@ pub struct RedisConfig {
     pub pool_timeout: Duration,
     /// Connections in the pool. Default 16.
     pub pool_size: u32,
+    /// Replicas that must acknowledge each spool enqueue (`WAIT`) before it
+    /// returns, so an acknowledged record survives the loss of the master
+    /// (Sentinel failover after a crash). 0, the default, does not wait.
+    /// Not offered on a cluster.
+    pub spool_wait_replicas: u32,
+    /// How long a spool enqueue waits for
+    /// [`spool_wait_replicas`](Self::spool_wait_replicas). Default 1 s.
+    #[serde(with = "duration")]
+    pub spool_wait_timeout: Duration,
 }
 
 impl Default for RedisConfig {
@@ -753,6 +764,8 @@ impl Default for RedisConfig {
             response_timeout: DEFAULT_RESPONSE_TIMEOUT,
             pool_timeout: DEFAULT_POOL_TIMEOUT,
             pool_size: DEFAULT_POOL_SIZE,
+            spool_wait_replicas: 0,
+            spool_wait_timeout: DEFAULT_SPOOL_WAIT_TIMEOUT,
         }
     }
 }
@@ -1348,6 +1361,12 @@ impl RedisConfig {
             if self.db != 0 {
                 p.push(c("db", "must be 0 for a cluster"));
             }
+            if self.spool_wait_replicas > 0 {
+                p.push(c(
+                    "spoolWaitReplicas",
+                    "must be 0 for a cluster (WAIT is not offered there)",
+                ));
+            }
         }
         if self.db > MAX_REDIS_DB {
             p.push(c(
@@ -1375,6 +1394,7 @@ impl RedisConfig {
             ("connectTimeout", self.connect_timeout),
             ("responseTimeout", self.response_timeout),
             ("poolTimeout", self.pool_timeout),
+            ("spoolWaitTimeout", self.spool_wait_timeout),
         ] {
             if d.is_zero() {
                 p.push(c(field, "must be greater than zero"));
