@@ -141,6 +141,7 @@ impl Reliability {
     pub async fn refresh_status(&self) -> Result<()> {
         if let Some(spool) = &self.spool {
             let stats = spool.stats().await?;
+            reliability_core::metrics::record_spool_stats(&stats);
             let health = SpoolHealth::from_stats(&stats, self.config.spool_limits.alert_depth);
             self.status.update(|s| s.spool = Some(health));
         }

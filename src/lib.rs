@@ -12,6 +12,7 @@
 //! | `redis` | no | `redis::{RedisIdempotencyStore, RedisRateLimiter, RedisSpool}`; profile `redis-enabled` puts each in front of its in-process counterpart (`Fallback`); implies `memory` |
 //! | `tls` | no | `rediss://` for the Redis backends; implies `redis` |
 //! | `disk` | no | `disk::DiskSpool` (also the local side of a Redis spool when `disk` is configured) |
+//! | `metrics` | no | metrics through the `metrics` facade crate; names in [`metrics`] |
 #![doc(test(attr(deny(warnings))))]
 #![cfg_attr(doctest, doc = include_str!("../README.md"))]
 

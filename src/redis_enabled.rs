@@ -234,6 +234,10 @@ async fn failback_loop(
             _ = tick.tick() => {}
         }
         if breaker.state() != BreakerState::Closed {
+            if let Some(store) = &store {
+                // The backlog grows while Redis is away: show it.
+                publish_pending(store, &status);
+            }
             continue;
         }
         if let Err(e) = failback_pass(store.as_deref(), spool.as_deref(), &status).await {
@@ -260,8 +264,7 @@ async fn failback_pass(
             );
             report.reconcile = Some(r);
         }
-        let pending = store.pending_reconcile();
-        status.update(|s| s.pending_reconcile = pending);
+        publish_pending(store, status);
     }
     if let Some(spool) = spool {
         let d = spool.drain().await?;
@@ -276,4 +279,11 @@ async fn failback_pass(
         report.drain = Some(d);
     }
     Ok(report)
+}
+
+/// The reconciliation backlog into the status and the metrics.
+fn publish_pending(store: &FallbackStore, status: &StatusHub) {
+    let pending = store.pending_reconcile();
+    reliability_core::metrics::record_reconcile_pending(pending);
+    status.update(|s| s.pending_reconcile = pending);
 }

@@ -33,6 +33,7 @@ pub mod fallback;
 pub mod gcra;
 pub mod idempotency;
 pub mod key;
+pub mod metrics;
 pub mod rate_limit;
 pub mod retry;
 pub mod spool;

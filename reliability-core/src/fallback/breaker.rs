@@ -336,6 +336,7 @@ impl Breaker {
 
     fn transition(&self, g: &mut Inner, to: BreakerState, now: Timestamp, why: &'static str) {
         let from = g.state;
+        crate::metrics::transition(from, to);
         g.state = to;
         g.since = now;
         g.window_start = now;
@@ -392,14 +393,25 @@ impl Breaker {
                 if breaker.state() == BreakerState::Isolated {
                     continue;
                 }
-                match tokio::time::timeout(deadline, probe.probe()).await {
-                    Ok(Ok(())) => breaker.record_success(),
-                    Ok(Err(e)) => breaker.record_failure(&e),
-                    Err(_) => breaker.record_failure(&Error::Timeout {
-                        backend: "probe",
-                        after: deadline,
-                    }),
-                }
+                let started = std::time::Instant::now();
+                let outcome = match tokio::time::timeout(deadline, probe.probe()).await {
+                    Ok(Ok(())) => {
+                        breaker.record_success();
+                        "ok"
+                    }
+                    Ok(Err(e)) => {
+                        breaker.record_failure(&e);
+                        "error"
+                    }
+                    Err(_) => {
+                        breaker.record_failure(&Error::Timeout {
+                            backend: "probe",
+                            after: deadline,
+                        });
+                        "timeout"
+                    }
+                };
+                crate::metrics::probe(started.elapsed(), outcome);
             }
         });
         ProbeTask { join }

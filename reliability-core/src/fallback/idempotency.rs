@@ -168,6 +168,7 @@ impl<P: IdempotencyStore, S: IdempotencyStore> Fallback<P, S> {
                 }
             }
         }
+        crate::metrics::reconcile(report.replayed, report.conflicts, self.pending_reconcile());
         if report.replayed + report.conflicts > 0 {
             info!(
                 replayed = report.replayed,

@@ -58,6 +58,7 @@ use std::time::Duration;
 use crate::capability::Capabilities;
 use crate::config::{FallbackConfig, RateLimitFallback};
 use crate::error::{Error, Result};
+use crate::metrics;
 use crate::rate_limit::{CheckFuture, Decision, Outcome, Quota, RateLimiter};
 
 /// Default deadline of one primary call.
@@ -180,25 +181,40 @@ impl<P, S> Fallback<P, S> {
         FP: Future<Output = Result<T>>,
         FS: Future<Output = Result<T>>,
     {
-        if self.breaker.routes_to_primary() {
+        let reason = if self.breaker.routes_to_primary() {
             match tokio::time::timeout(self.deadline, primary).await {
                 Ok(Ok(v)) => {
                     self.breaker.record_success();
+                    metrics::call("primary", "ok");
                     return Ok(v);
                 }
                 Ok(Err(e)) if !e.is_unavailable() => {
                     // The primary answered: it is up, the caller is wrong.
                     self.breaker.record_success();
+                    metrics::call("primary", "error");
                     return Err(e);
                 }
-                Ok(Err(e)) => self.breaker.record_failure(&e),
-                Err(_) => self.breaker.record_failure(&Error::Timeout {
-                    backend: "primary",
-                    after: self.deadline,
-                }),
+                Ok(Err(e)) => {
+                    self.breaker.record_failure(&e);
+                    metrics::call("primary", "unavailable");
+                    "unavailable"
+                }
+                Err(_) => {
+                    self.breaker.record_failure(&Error::Timeout {
+                        backend: "primary",
+                        after: self.deadline,
+                    });
+                    metrics::call("primary", "timeout");
+                    "timeout"
+                }
             }
-        }
-        secondary.await
+        } else {
+            "open"
+        };
+        metrics::fallback(reason);
+        let answer = secondary.await;
+        metrics::call("secondary", metrics::outcome(&answer));
+        answer
     }
 }
 

@@ -127,6 +127,7 @@ impl<P: Spool, S: Spool> Fallback<P, S> {
                 Ok(Ok(e)) => {
                     self.breaker.record_success();
                     report.moved += e.accepted as u64;
+                    crate::metrics::drained(e.accepted as u64);
                     report.duplicates += e.duplicates as u64;
                     for l in &batch {
                         // Only now may the secondary forget them.
