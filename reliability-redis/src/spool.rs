@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use tokio::sync::OnceCell;
 use deadpool_redis::redis::{cmd, Script, Value};
 use reliability_core::clock::duration_micros;
 use reliability_core::key::validate_segment;
@@ -17,6 +16,7 @@ use reliability_core::{
     Leased, NackOutcome, NewRecord, Primitive, Record, RecordId, Result, Spool, SpoolLimits,
     SpoolStats, SpoolToken, Timestamp, UnavailableReason,
 };
+use tokio::sync::OnceCell;
 
 use crate::client::{Mode, RedisClient};
 use crate::error::{unexpected, BACKEND};
@@ -664,10 +664,7 @@ impl RedisSpool {
 
     /// The server's own durability, once checked.
     fn server_durability(&self) -> Durability {
-        self.checked
-            .get()
-            .copied()
-            .unwrap_or(Durability::Volatile)
+        self.checked.get().copied().unwrap_or(Durability::Volatile)
     }
 
     /// Runs the open checks once (eviction policy, AOF settings); a failed
