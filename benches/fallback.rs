@@ -117,9 +117,13 @@ impl Latencies {
 }
 
 /// Calls `op(i)` for `i` in `range`, timing each `.await` alone; appends
-/// the latencies to `out`.
-async fn time_calls<F, Fut, T>(range: std::ops::Range<u64>, out: &mut Vec<u64>, mut op: F)
-where
+/// the latencies to `out`, then hands each answer to `verify` (not timed).
+async fn time_calls<F, Fut, T>(
+    range: std::ops::Range<u64>,
+    out: &mut Vec<u64>,
+    mut op: F,
+    mut verify: impl FnMut(u64, T),
+) where
     F: FnMut(u64) -> Fut,
     Fut: Future<Output = T>,
 {
@@ -131,8 +135,8 @@ where
         let t0 = Instant::now();
         let r = fut.await;
         let dt = t0.elapsed();
-        std::hint::black_box(r);
         out.push(u64::try_from(dt.as_nanos()).unwrap_or(u64::MAX));
+        verify(i, r);
     }
 }
 
@@ -246,8 +250,28 @@ async fn open_claims(
             .collect();
         let k = |i: u64| &keys[usize::try_from(i - base).unwrap_or(0)];
         let range = base..base + per_round;
-        time_calls(range.clone(), &mut fb, |i| fallback.claim(k(i), &fp, LEASE)).await;
-        time_calls(range.clone(), &mut lo, |i| local.claim(k(i), &fp, LEASE)).await;
+        let acquired = |side: &'static str| {
+            move |i: u64, c: reliability::Result<Claim>| {
+                assert!(
+                    matches!(c, Ok(Claim::Acquired(_))),
+                    "{side}, new key {i}: {c:?}"
+                );
+            }
+        };
+        time_calls(
+            range.clone(),
+            &mut fb,
+            |i| fallback.claim(k(i), &fp, LEASE),
+            acquired("fallback"),
+        )
+        .await;
+        time_calls(
+            range.clone(),
+            &mut lo,
+            |i| local.claim(k(i), &fp, LEASE),
+            acquired("local"),
+        )
+        .await;
         // Outside the timing: every claim of a new key must acquire.
         for i in [base, base + per_round - 1] {
             for (side, c) in [
@@ -276,10 +300,13 @@ async fn open_checks(
     let mut lo = Vec::with_capacity(cap);
     for round in 0..rounds {
         let range = round * per_round..(round + 1) * per_round;
+        let ok = |i: u64, d: reliability::Result<reliability::Decision>| {
+            assert!(d.is_ok(), "check {i}: {d:?}");
+        };
         for (f, out) in fallbacks.iter().zip(fbs.iter_mut()) {
-            time_calls(range.clone(), out, |i| f.check(k(i), q, 1)).await;
+            time_calls(range.clone(), out, |i| f.check(k(i), q, 1), ok).await;
         }
-        time_calls(range.clone(), &mut lo, |i| local.check(k(i), q, 1)).await;
+        time_calls(range.clone(), &mut lo, |i| local.check(k(i), q, 1), ok).await;
     }
     for f in fallbacks {
         let d = f.check("tenant-0", q, 1).await;
