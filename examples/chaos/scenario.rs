@@ -224,8 +224,21 @@ pub(crate) struct FaultReport {
     pub(crate) to_degraded: Option<Duration>,
     /// From the end of the fault to the status turning Healthy again.
     pub(crate) to_recovered: Option<Duration>,
-    /// From the end of the fault to failback done (no claim left to replay).
+    /// From the end of the fault to failback done: no claim left to replay
+    /// and no record left to drain (driven with `failback_now`).
     pub(crate) to_failback: Option<Duration>,
+    /// Claims replayed to Redis by the failback passes the scenario ran.
+    pub(crate) replayed: u64,
+    /// Replays that found the key already on Redis (Redis's answer wins);
+    /// these passes race the background one, whose replays count here.
+    pub(crate) conflicts: u64,
+    /// Records moved from the local spool to Redis by those passes.
+    pub(crate) moved: u64,
+    /// Errors of those passes.
+    pub(crate) failback_errors: Vec<String>,
+    /// `pendingReconcile` of the status right after the outage claims (at
+    /// least `outage_claimed` entries were pending then).
+    pub(crate) pending_in_status_during_outage: u64,
     /// Status changes to Degraded after the first recovery, within the
     /// following phase (flaps).
     pub(crate) flaps: usize,
@@ -617,14 +630,38 @@ async fn wait_overall(r: &Reliability, want: Overall, within: Duration) -> bool 
     came
 }
 
-/// Waits (bounded) until Redis takes traffic and no claim is left to
-/// replay; the time it took, or `None`.
-async fn wait_failback(r: &Reliability, from: Instant, within: Duration) -> Option<Duration> {
+/// Runs failback passes ([`Reliability::failback_now`], as an operator
+/// would; the background task runs its own too) until Redis takes traffic
+/// and no claim is left to replay nor record to drain; the time from `from`,
+/// or `None` if that did not happen `within`.
+async fn wait_failback(
+    r: &Reliability,
+    from: Instant,
+    within: Duration,
+    report: &mut FaultReport,
+) -> Option<Duration> {
     let deadline = Instant::now() + within;
     loop {
-        let s = r.status().current();
-        if s.overall == Overall::Healthy && s.pending_reconcile == 0 {
-            return Some(from.elapsed());
+        match r.failback_now().await {
+            Ok(pass) => {
+                if let Some(c) = pass.reconcile {
+                    report.replayed += c.replayed;
+                    report.conflicts += c.conflicts;
+                }
+                let drained = pass.drain.map_or(0, |d| d.moved + d.duplicates);
+                report.moved += drained;
+                if pass.reconcile.is_none()
+                    && drained == 0
+                    && r.status().current().overall == Overall::Healthy
+                {
+                    return Some(from.elapsed());
+                }
+            }
+            Err(e) => {
+                if report.failback_errors.len() < 3 {
+                    report.failback_errors.push(e.to_string());
+                }
+            }
         }
         if Instant::now() > deadline {
             return None;
@@ -693,6 +730,11 @@ fn fault_report(name: &'static str) -> FaultReport {
         to_degraded: None,
         to_recovered: None,
         to_failback: None,
+        replayed: 0,
+        conflicts: 0,
+        moved: 0,
+        failback_errors: Vec::new(),
+        pending_in_status_during_outage: 0,
         flaps: 0,
         outage_claimed: 0,
         outage_not_acquired: 0,
@@ -853,6 +895,7 @@ pub(crate) async fn run(settings: &Settings) -> Result<Report, String> {
             event("status degraded".into());
         }
         let keys = claim_outage_keys(&r, "kill", settings.outage_keys, &mut k).await;
+        k.pending_in_status_during_outage = r.status().current().pending_reconcile;
         sleep_until(hit + p).await;
         shared.set_phase(Phase::Restarted);
         let end_start = Instant::now();
@@ -864,7 +907,7 @@ pub(crate) async fn run(settings: &Settings) -> Result<Report, String> {
         if wait_overall(&r, Overall::Healthy, STATUS_WAIT).await {
             event("status healthy".into());
         }
-        k.to_failback = wait_failback(&r, end, STATUS_WAIT).await;
+        k.to_failback = wait_failback(&r, end, STATUS_WAIT, &mut k).await;
         check_outage_keys(&r, &keys, &mut k).await;
         sleep_until(end + p).await;
         fault_times.push(FaultTimes {
@@ -889,6 +932,7 @@ pub(crate) async fn run(settings: &Settings) -> Result<Report, String> {
             event("status degraded".into());
         }
         let keys = claim_outage_keys(&r, "stop", settings.outage_keys, &mut s).await;
+        s.pending_in_status_during_outage = r.status().current().pending_reconcile;
         sleep_until(hit + p).await;
         shared.set_phase(Phase::Resumed);
         let end_start = Instant::now();
@@ -900,7 +944,7 @@ pub(crate) async fn run(settings: &Settings) -> Result<Report, String> {
         if wait_overall(&r, Overall::Healthy, STATUS_WAIT).await {
             event("status healthy".into());
         }
-        s.to_failback = wait_failback(&r, end, STATUS_WAIT).await;
+        s.to_failback = wait_failback(&r, end, STATUS_WAIT, &mut s).await;
         check_outage_keys(&r, &keys, &mut s).await;
         sleep_until(end + p).await;
         fault_times.push(FaultTimes {
@@ -1203,6 +1247,16 @@ impl fmt::Display for Report {
                 f,
                 "  {}: {} keys claimed during the outage ({} not acquired); after failback: {} acquired again, answers {:?}",
                 k.name, k.outage_claimed, k.outage_not_acquired, k.reacquired_after_failback, answers
+            )?;
+            writeln!(
+                f,
+                "    failback_now passes of the scenario: {} claims replayed, {} found on Redis already (includes keys the background pass replayed first), {} records moved back, errors {:?}",
+                k.replayed, k.conflicts, k.moved, k.failback_errors
+            )?;
+            writeln!(
+                f,
+                "    status pendingReconcile read during the outage, after those claims: {}",
+                k.pending_in_status_during_outage
             )?;
         }
         writeln!(f, "\nspool and delivery")?;
