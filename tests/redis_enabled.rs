@@ -243,3 +243,69 @@ fn redis_config_errors_name_the_field() {
     let e = from_yaml_str("reliability: { profile: redis-enabled }").expect_err("no redis section");
     assert!(e.to_string().contains("reliability.redis"), "{e}");
 }
+
+/// A durable disk spool is not drained into a Redis without persistence
+/// (a kill -9 there would lose what the disk kept): the records stay on
+/// disk and are delivered from there while Redis takes the new traffic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn durable_records_are_not_drained_into_a_volatile_redis() {
+    let mut redis = RedisServer::start_with(ServerOptions::new().password(PASSWORD));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let r = Reliability::from_config(&config(&redis, dir.path()))
+        .await
+        .expect("build");
+    let spool = r.spool().expect("spool");
+    let mut rx = r.status().subscribe();
+    redis.kill9();
+    wait_status(&mut rx, Duration::from_secs(1), "degraded", |s| {
+        s.overall == Overall::Degraded
+    })
+    .await;
+    let ids = ["keep-1", "keep-2", "keep-3"];
+    for id in ids {
+        spool
+            .enqueue(vec![NewRecord::new(
+                RecordId::new(id).expect("id"),
+                Bytes::from_static(b"x"),
+            )])
+            .await
+            .expect("enqueue on disk");
+    }
+    redis.restart();
+    wait_status(&mut rx, Duration::from_secs(1), "healthy", |s| {
+        s.overall == Overall::Healthy
+    })
+    .await;
+    // A call reaches Redis, so the spool knows it has no persistence.
+    spool
+        .enqueue(vec![NewRecord::new(
+            RecordId::new("new-1").expect("id"),
+            Bytes::from_static(b"y"),
+        )])
+        .await
+        .expect("enqueue on redis");
+    let drain = r
+        .failback_now()
+        .await
+        .expect("failback")
+        .drain
+        .expect("spool");
+    assert!(drain.kept_local, "{drain:?}");
+    assert_eq!(drain.moved, 0);
+
+    let leased = spool
+        .lease(10, Duration::from_secs(30))
+        .await
+        .expect("lease");
+    let mut got: Vec<_> = leased
+        .iter()
+        .map(|l| l.record.id.as_str().to_string())
+        .collect();
+    got.sort();
+    assert_eq!(got, ["keep-1", "keep-2", "keep-3", "new-1"]);
+    for l in &leased {
+        spool.ack(&l.token).await.expect("ack where it was leased");
+    }
+    let stats = spool.stats().await.expect("stats");
+    assert_eq!(stats.depth(), 0, "{stats:?}");
+}

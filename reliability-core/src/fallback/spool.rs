@@ -5,14 +5,17 @@
 //!   skipped, unavailable or late. (A late primary may still have stored the
 //!   batch: the drain then finds the ids there and the primary skips them as
 //!   duplicates.)
-//! - `lease` reads the primary, or the secondary while the breaker is open:
-//!   delivery goes on during the outage. Leases handed out by the secondary
+//! - `lease` reads the primary, then tops the batch up from the secondary
+//!   (records not drained yet); only the secondary while the breaker is
+//!   open: delivery goes on during the outage. Leases handed out by the secondary
 //!   are remembered, so `ack` / `nack` / `extend` / `dead_letter` go back to
 //!   the side that gave them.
 //! - [`Fallback::drain`] moves due records of the secondary to the primary
 //!   (same id, payload, attempts and first-enqueue time) and acks them on the
 //!   secondary only once the primary's `enqueue` returned: a crash in
-//!   between leaves them on both sides, never on neither.
+//!   between leaves them on both sides, never on neither. A durable
+//!   secondary is not drained into a primary that is not durable (Redis
+//!   without AOF): its records stay and are delivered from there.
 //! - `stats`, `list_dead`, `redrive_dead` and `purge_dead` cover both sides
 //!   (the primary's only while it is reachable).
 
@@ -61,6 +64,10 @@ pub struct DrainReport {
     pub duplicates: u64,
     /// `true` if the primary became unavailable during the drain.
     pub interrupted: bool,
+    /// `true` if nothing moved because the secondary is durable and the
+    /// primary is not (e.g. Redis without AOF): the records stay where a
+    /// crash cannot take them, and `lease` delivers them from there.
+    pub kept_local: bool,
 }
 
 impl<P: Spool, S: Spool> Fallback<P, S> {
@@ -107,6 +114,10 @@ impl<P: Spool, S: Spool> Fallback<P, S> {
     /// on the secondary.
     pub async fn drain(&self) -> Result<DrainReport> {
         let mut report = DrainReport::default();
+        if self.secondary.capabilities().durable && !self.primary.capabilities().durable {
+            report.kept_local = true;
+            return Ok(report);
+        }
         while self.breaker.routes_to_primary() {
             let batch = self.secondary.lease(DRAIN_BATCH, DRAIN_LEASE).await?;
             if batch.is_empty() {
@@ -193,8 +204,15 @@ impl<P: Spool, S: Spool> Spool for Fallback<P, S> {
     }
 
     async fn lease(&self, max: usize, ttl: Duration) -> Result<Vec<Leased>> {
-        self.call(self.primary.lease(max, ttl), self.lease_local(max, ttl))
-            .await
+        let Some(mut got) = self.primary_if_up(self.primary.lease(max, ttl)).await? else {
+            return self.lease_local(max, ttl).await;
+        };
+        if got.len() < max {
+            // Records the secondary still holds (not drained yet, or kept
+            // there because the primary is not durable) are delivered too.
+            got.extend(self.lease_local(max - got.len(), ttl).await?);
+        }
+        Ok(got)
     }
 
     async fn ack(&self, token: &SpoolToken) -> Result<()> {
