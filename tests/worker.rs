@@ -480,3 +480,38 @@ async fn unavailable_spool_backs_off_and_recovers() {
     let totals = handle.shutdown().await;
     assert_eq!((totals.delivered, totals.spool_errors), (1, 0));
 }
+
+/// `run_once` leases no more records than it has delivery slots: none
+/// waits for a slot while its lease runs out.
+#[tokio::test]
+async fn run_once_leases_no_more_than_it_can_deliver_at_once() {
+    let (spool, _clock) = manual_spool();
+    let in_flight = Arc::new(AtomicUsize::new(0));
+    let peak = Arc::new(AtomicUsize::new(0));
+    let deliver = {
+        let (in_flight, peak) = (Arc::clone(&in_flight), Arc::clone(&peak));
+        move |_: Record| {
+            let (in_flight, peak) = (Arc::clone(&in_flight), Arc::clone(&peak));
+            async move {
+                let now = in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+                peak.fetch_max(now, Ordering::SeqCst);
+                tokio::task::yield_now().await;
+                in_flight.fetch_sub(1, Ordering::SeqCst);
+                Ok(())
+            }
+        }
+    };
+    let config = WorkerConfig::default()
+        .with_batch_size(32)
+        .with_max_concurrency(4);
+    let worker = DeliveryWorker::new(Arc::clone(&spool), config, deliver).unwrap();
+    let batch = (0..40)
+        .map(|i| NewRecord::new(id(&format!("r{i}")), "x"))
+        .collect();
+    spool.enqueue(batch).await.unwrap();
+
+    let report = worker.run_once().await.unwrap();
+    assert_eq!((report.leased, report.delivered), (4, 4));
+    assert!(peak.load(Ordering::SeqCst) <= 4);
+    assert_eq!(spool.stats().await.unwrap().ready, 36);
+}

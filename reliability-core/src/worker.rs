@@ -153,9 +153,10 @@ pub struct WorkerConfig {
     /// Records leased at most per [`lease`](Spool::lease) call. Default 32
     /// ([`DEFAULT_BATCH_SIZE`]).
     ///
-    /// [`DeliveryWorker::run_once`] leases this many and delivers them
-    /// `max_concurrency` at a time; the spawned loop leases no more than it
-    /// has free delivery slots, so no leased record waits for a slot.
+    /// Neither [`DeliveryWorker::run_once`] nor the spawned loop leases more
+    /// than it has free delivery slots
+    /// ([`max_concurrency`](Self::max_concurrency)), so no leased record
+    /// waits for a slot while its lease runs out.
     pub batch_size: usize,
     /// How long a leased record stays invisible to other consumers. Default
     /// 60 s ([`DEFAULT_LEASE_TTL`]).
@@ -490,9 +491,10 @@ impl<S: Spool + ?Sized> DeliveryWorker<S> {
         Arc::clone(&self.inner.totals)
     }
 
-    /// Leases one batch, delivers it (up to
-    /// [`max_concurrency`](WorkerConfig::max_concurrency) at a time), settles
-    /// every record, and returns what happened.
+    /// Leases one batch (at most [`batch_size`](WorkerConfig::batch_size)
+    /// and [`max_concurrency`](WorkerConfig::max_concurrency) records),
+    /// delivers it concurrently, settles every record, and returns what
+    /// happened.
     ///
     /// Settlement errors are counted, not returned: a lost lease in
     /// [`lease_lost`](DeliveryCounts::lease_lost), any other spool error in
@@ -502,20 +504,13 @@ impl<S: Spool + ?Sized> DeliveryWorker<S> {
     /// The spool's error if the lease itself fails; nothing was delivered.
     pub async fn run_once(&self) -> Result<BatchReport> {
         let cfg = &self.inner.config;
-        let batch = self
-            .inner
-            .spool
-            .lease(cfg.batch_size, cfg.lease_ttl)
-            .await?;
+        // Every leased record starts at once: none waits for a slot (and
+        // for a delivery timeout) while its lease runs out.
+        let max = cfg.batch_size.min(cfg.max_concurrency).max(1);
+        let batch = self.inner.spool.lease(max, cfg.lease_ttl).await?;
         let mut report = self.inner.leased(batch.len());
         let mut tasks = JoinSet::new();
         for leased in batch {
-            while tasks.len() >= cfg.max_concurrency {
-                match tasks.join_next().await {
-                    Some(r) => report.merge(&self.inner.reaped(r)),
-                    None => break,
-                }
-            }
             tasks.spawn(Arc::clone(&self.inner).deliver_one(leased));
         }
         while let Some(r) = tasks.join_next().await {
