@@ -75,6 +75,11 @@ async fn kill_restart_stop_resume_under_load() {
     );
 
     for f in [kill, stop] {
+        assert!(
+            f.to_failback.is_some(),
+            "{}: failback never finished (claims left to replay or records to drain)\n{report}",
+            f.name
+        );
         assert_eq!(
             f.outage_claimed, settings.outage_keys,
             "{}: outage claims acquired locally\n{report}",

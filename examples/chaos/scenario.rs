@@ -52,6 +52,9 @@ const KEY_TTL: Duration = Duration::from_secs(600);
 const WORKER_LEASE: Duration = Duration::from_secs(2);
 /// How long the scenario waits for the status to turn healthy or degraded.
 const STATUS_WAIT: Duration = Duration::from_secs(5);
+/// How long it waits for failback (claims replayed one by one: a busy
+/// outage leaves thousands).
+const FAILBACK_WAIT: Duration = Duration::from_secs(30);
 
 /// The delivery worker's retry schedule: milliseconds, not minutes, so
 /// retries and their backoff show within a run.
@@ -907,7 +910,7 @@ pub(crate) async fn run(settings: &Settings) -> Result<Report, String> {
         if wait_overall(&r, Overall::Healthy, STATUS_WAIT).await {
             event("status healthy".into());
         }
-        k.to_failback = wait_failback(&r, end, STATUS_WAIT, &mut k).await;
+        k.to_failback = wait_failback(&r, end, FAILBACK_WAIT, &mut k).await;
         check_outage_keys(&r, &keys, &mut k).await;
         sleep_until(end + p).await;
         fault_times.push(FaultTimes {
@@ -944,7 +947,7 @@ pub(crate) async fn run(settings: &Settings) -> Result<Report, String> {
         if wait_overall(&r, Overall::Healthy, STATUS_WAIT).await {
             event("status healthy".into());
         }
-        s.to_failback = wait_failback(&r, end, STATUS_WAIT, &mut s).await;
+        s.to_failback = wait_failback(&r, end, FAILBACK_WAIT, &mut s).await;
         check_outage_keys(&r, &keys, &mut s).await;
         sleep_until(end + p).await;
         fault_times.push(FaultTimes {
@@ -1191,7 +1194,9 @@ impl fmt::Display for Report {
             }
             writeln!(
                 f,
-                "  (degraded: from the signal returning; recovered: from restart answering PING / SIGCONT)"
+                "  (degraded: from the signal returning; recovered: from restart answering PING / SIGCONT;\n   \
+                 failback done: no claim left to replay nor record to drain, driven by failback_now passes\n   \
+                 that race the background pass, so both replay the journal)"
             )?;
         }
         writeln!(f, "\ncalls by phase (latency from the caller's side)")?;
