@@ -39,7 +39,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use deadpool_redis::redis::{Script, Value};
+use deadpool_redis::redis::{Cmd, Script, Value};
 use reliability_core::clock::duration_micros;
 use reliability_core::idempotency::{
     check_lease_duration, check_result_size, DEFAULT_MAX_RESULT_BYTES,
@@ -51,7 +51,7 @@ use reliability_core::{
 
 use crate::client::RedisClient;
 use crate::error::{unexpected, BACKEND};
-use crate::script::{int, now_arg, LUA_NOW};
+use crate::script::{evalsha, int, push_now, LUA_NOW};
 
 /// Physical TTL added to keys when a test clock override is set: real time
 /// and the override diverge, and a key must never vanish before the
@@ -234,32 +234,40 @@ impl RedisIdempotencyStore {
         self.client.key_space().key(Primitive::Idempotency, id)
     }
 
-    /// `[now, margin_ms]`, the first two arguments of every script.
-    fn base_args(&self) -> Vec<Vec<u8>> {
+    /// `EVALSHA` of `script` on `key` with its first two arguments, `now`
+    /// and `margin_ms`, ready for `extra` more.
+    fn call(&self, script: &Script, key: &str, extra: usize) -> Cmd {
+        let mut cmd = evalsha(script, 1, 3 + extra);
+        cmd.arg(key);
+        push_now(&mut cmd, self.clock_override.as_ref());
         let margin = if self.clock_override.is_some() {
             OVERRIDE_MARGIN_MS
         } else {
             0
         };
-        vec![
-            now_arg(self.clock_override.as_ref()),
-            margin.to_string().into_bytes(),
-        ]
+        cmd.arg(margin);
+        cmd
     }
 
     /// Runs an owner-checked script: `Ok` if the lease held the key.
-    async fn owned(&self, script: &Script, lease: &Lease, extra: Vec<Vec<u8>>) -> Result<()> {
+    /// `extra` appends the arguments after the token.
+    async fn owned(
+        &self,
+        script: &Script,
+        lease: &Lease,
+        extra: usize,
+        args: impl FnOnce(&mut Cmd),
+    ) -> Result<()> {
         let key = self.key(lease.key())?;
-        let mut args = self.base_args();
-        args.push(lease.token().to_string().into_bytes());
-        args.extend(extra);
-        let keys = [key];
-        let reply = self.client.invoke(script, &keys, &args).await?;
+        let mut cmd = self.call(script, &key, 1 + extra);
+        cmd.arg(lease.token().to_string());
+        args(&mut cmd);
+        let reply = self.client.eval(script, &cmd, &key).await?;
         match int(&reply) {
             Some(1) => Ok(()),
             Some(0) => Err(Error::lease_lost(lease.key())),
-            Some(CODE_WRONG_TYPE) => Err(wrong_type(&keys[0])),
-            _ => Err(unexpected(&keys[0], reply)),
+            Some(CODE_WRONG_TYPE) => Err(wrong_type(&key)),
+            _ => Err(unexpected(&key, reply)),
         }
     }
 }
@@ -271,8 +279,8 @@ fn wrong_type(key: &str) -> Error {
     }
 }
 
-fn positive_us(d: Duration) -> Vec<u8> {
-    duration_micros(d).max(1).to_string().into_bytes()
+fn positive_us(d: Duration) -> u64 {
+    duration_micros(d).max(1)
 }
 
 #[async_trait]
@@ -285,15 +293,15 @@ impl IdempotencyStore for RedisIdempotencyStore {
         let redis_key = self.key(key)?;
         check_lease_duration("lease", lease)?;
         let token = LeaseToken::generate();
-        let mut args = self.base_args();
-        args.push(fingerprint.as_bytes().to_vec());
-        args.push(token.to_string().into_bytes());
-        args.push(positive_us(lease));
-        let keys = [redis_key];
+        let mut cmd = self.call(&self.scripts.claim, &redis_key, 3);
+        cmd.arg(fingerprint.as_bytes())
+            .arg(token.to_string())
+            .arg(positive_us(lease));
         let reply = self
             .client
-            .invoke(&self.scripts.claim, &keys, &args)
+            .eval(&self.scripts.claim, &cmd, &redis_key)
             .await?;
+        let keys = [redis_key];
         let items = match &reply {
             Value::Array(items) => items.as_slice(),
             _ => return Err(unexpected(&keys[0], reply)),
@@ -333,25 +341,25 @@ impl IdempotencyStore for RedisIdempotencyStore {
     ) -> Result<()> {
         check_lease_duration("retention", retention)?;
         check_result_size(result.as_ref(), self.max_result_bytes)?;
-        let (has, body) = match result {
-            Some(r) => (b"1".to_vec(), r.to_vec()),
-            None => (b"0".to_vec(), Vec::new()),
-        };
-        self.owned(
-            &self.scripts.complete,
-            lease,
-            vec![positive_us(retention), has, body],
-        )
+        self.owned(&self.scripts.complete, lease, 3, |cmd| {
+            cmd.arg(positive_us(retention));
+            match &result {
+                Some(r) => cmd.arg("1").arg(r.as_ref()),
+                None => cmd.arg("0").arg(""),
+            };
+        })
         .await
     }
 
     async fn release(&self, lease: &Lease) -> Result<()> {
-        self.owned(&self.scripts.release, lease, Vec::new()).await
+        self.owned(&self.scripts.release, lease, 0, |_| {}).await
     }
 
     async fn extend(&self, lease: &Lease, by: Duration) -> Result<()> {
         check_lease_duration("by", by)?;
-        self.owned(&self.scripts.extend, lease, vec![positive_us(by)])
-            .await
+        self.owned(&self.scripts.extend, lease, 1, |cmd| {
+            cmd.arg(positive_us(by));
+        })
+        .await
     }
 }

@@ -41,7 +41,7 @@ use reliability_core::{
 use crate::client::RedisClient;
 use crate::error::{unexpected, BACKEND};
 use crate::idempotency::OVERRIDE_MARGIN_MS;
-use crate::script::{int, now_arg, LUA_NOW};
+use crate::script::{evalsha, int, push_now, LUA_NOW};
 
 /// The largest `T * burst` the script computes exactly.
 pub const MAX_WINDOW_US: u64 = 1 << 52;
@@ -196,15 +196,12 @@ impl RedisRateLimiter {
         } else {
             0
         };
-        let args = vec![
-            now_arg(self.clock_override.as_ref()),
-            margin.to_string().into_bytes(),
-            t.to_string().into_bytes(),
-            quota.burst().to_string().into_bytes(),
-            cost.to_string().into_bytes(),
-        ];
+        let mut cmd = evalsha(&self.script, 1, 6);
+        cmd.arg(redis_key.as_str());
+        push_now(&mut cmd, self.clock_override.as_ref());
+        cmd.arg(margin).arg(t).arg(quota.burst()).arg(cost);
+        let reply = self.client.eval(&self.script, &cmd, &redis_key).await?;
         let keys = [redis_key];
-        let reply = self.client.invoke(&self.script, &keys, &args).await?;
         let items = match &reply {
             Value::Array(items) if items.len() == 4 => items.as_slice(),
             _ => return Err(unexpected(&keys[0], reply)),

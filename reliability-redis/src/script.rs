@@ -1,6 +1,6 @@
 //! Pieces shared by the Lua scripts of the backends.
 
-use deadpool_redis::redis::Value;
+use deadpool_redis::redis::{Cmd, Script, Value};
 use reliability_core::SharedClock;
 
 /// Prologue of every script: `now` in µs from Redis `TIME`, or from
@@ -16,12 +16,23 @@ else
 end
 ";
 
-/// `ARGV[1]`: empty (read `TIME`) or the override's µs.
-pub(crate) fn now_arg(clock: Option<&SharedClock>) -> Vec<u8> {
+/// `EVALSHA sha numkeys`, ready for `numkeys` keys and then the
+/// arguments: one allocation of the command's buffer for `args` keys and
+/// arguments of about 24 bytes each. The backends append their keys and
+/// arguments straight into it (integers formatted in place), instead of
+/// building them as owned buffers that a `ScriptInvocation` copies again.
+pub(crate) fn evalsha(script: &Script, numkeys: usize, args: usize) -> Cmd {
+    let mut cmd = Cmd::with_capacity(3 + args, 64 + 24 * args);
+    cmd.arg("EVALSHA").arg(script.get_hash()).arg(numkeys);
+    cmd
+}
+
+/// Appends `ARGV[1]`: empty (read `TIME`) or the override's µs.
+pub(crate) fn push_now(cmd: &mut Cmd, clock: Option<&SharedClock>) {
     match clock {
-        Some(c) => c.now().as_micros().to_string().into_bytes(),
-        None => Vec::new(),
-    }
+        Some(c) => cmd.arg(c.now().as_micros()),
+        None => cmd.arg(""),
+    };
 }
 
 /// An integer reply (Lua numbers arrive as integers).
