@@ -95,7 +95,7 @@ pub struct SegmentReport {
     pub number: u32,
     /// File size in bytes.
     pub bytes: u64,
-    /// Valid frames in it.
+    /// Valid frames in it, padding not counted.
     pub entries: u64,
     /// Records whose enqueue frame is in it and that are not deleted.
     pub records: u64,

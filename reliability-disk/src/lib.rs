@@ -29,6 +29,16 @@
 //! writer writes everything queued in one `write` and, in
 //! [`FsyncMode::Always`] (the default), one `fdatasync` (group commit).
 //!
+//! The active segment is preallocated ahead of its data
+//! ([`DiskSpoolConfig::preallocate_bytes`], default 1 MiB) with padding
+//! frames (kind 9) laid out every 512 bytes, written and synced once. A
+//! batch is written over them and padded up to the next multiple of 512
+//! bytes, so the segment is a valid sequence of frames at every moment, and
+//! the `fdatasync` of a batch changes no metadata (the file's size and
+//! blocks are already on disk): it flushes the data without waiting for a
+//! journal commit. A replay skips padding; opening resumes after the last
+//! frame that is not padding; a sealed segment is cut to its data.
+//!
 //! - `enqueue` returns once its frames are written and, per the mode, synced:
 //!   [`Durability::Synced`](reliability_core::Durability::Synced) (`Always`),
 //!   [`Durability::Periodic`](reliability_core::Durability::Periodic)
@@ -77,5 +87,6 @@ pub use fsck::{
     SegmentReport,
 };
 pub use spool::{
-    DiskSpool, DiskSpoolBuilder, DiskSpoolConfig, FsyncMode, DEFAULT_SEGMENT_MAX_BYTES,
+    DiskSpool, DiskSpoolBuilder, DiskSpoolConfig, FsyncMode, DEFAULT_PREALLOCATE_BYTES,
+    DEFAULT_SEGMENT_MAX_BYTES,
 };

@@ -69,15 +69,43 @@ pub(crate) struct Recovery {
     pub(crate) index: Index,
     /// Valid segments, oldest first: number, length (after fixing), frames.
     pub(crate) segments: Vec<(u32, u64, u64)>,
+    /// Where the data of the last segment ends (after its last frame that
+    /// is not padding) and whether the padding after it is laid out as
+    /// the writer preallocates it (see [`Tail`]).
+    pub(crate) last_end: Option<Tail>,
     pub(crate) findings: Vec<Finding>,
 }
 
 impl Recovery {
-    /// The active (last) segment and its length.
-    pub(crate) fn active(&self) -> Option<(u32, u64)> {
-        self.segments.last().map(|&(n, len, _)| (n, len))
+    /// The active (last) segment, where its data ends (the writer resumes
+    /// there) and how much of the file the writer may keep as preallocated
+    /// padding (the rest it cuts off).
+    pub(crate) fn active(&self) -> Option<(u32, u64, u64)> {
+        self.segments
+            .last()
+            .map(|&(n, len, _)| match self.last_end {
+                Some(t) if t.on_grid => (n, t.end, len),
+                Some(t) => (n, t.end, t.end),
+                None => (n, len, len),
+            })
     }
 }
+
+/// Where a segment's data ends and what follows it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Tail {
+    /// After the last frame that is not padding.
+    pub(crate) end: u64,
+    /// The padding from `end` to the end of the file is what the writer
+    /// lays out: one frame up to a multiple of [`PAD_GRID`], then frames of
+    /// exactly [`PAD_GRID`] bytes (so a batch written at `end` and padded
+    /// to the grid leaves the frames after it whole).
+    pub(crate) on_grid: bool,
+}
+
+/// Preallocated padding frames start at multiples of this (and are this
+/// long, except the one that fills up to the grid after a batch).
+pub(crate) const PAD_GRID: u64 = 512;
 
 /// Replays `dir`. With `fix`, bad parts move to `quarantine/` (torn tails
 /// are truncated, bad frames padded over, garbage files moved, gaps
@@ -232,8 +260,12 @@ pub(crate) fn recover(dir: &Path, fix: bool) -> io::Result<Recovery> {
     let last_valid = valid.last().copied();
     for n in valid {
         let path = segment_path(dir, n);
-        let (len, frames) = scan_segment(dir, &path, n, &q, &mut rec, Some(n) == last_valid)?;
+        let is_last = Some(n) == last_valid;
+        let (len, frames, tail) = scan_segment(dir, &path, n, &q, &mut rec, is_last)?;
         rec.segments.push((n, len, frames));
+        if is_last {
+            rec.last_end = Some(tail);
+        }
     }
     Ok(rec)
 }
@@ -331,7 +363,8 @@ impl Window {
 }
 
 /// Replays one segment into `rec.index`; returns its length (after any
-/// truncation) and the number of good frames.
+/// truncation), the number of good frames that are not padding, and where
+/// its data ends.
 fn scan_segment(
     dir: &Path,
     path: &Path,
@@ -339,7 +372,7 @@ fn scan_segment(
     q: &Quarantine,
     rec: &mut Recovery,
     is_last: bool,
-) -> io::Result<(u64, u64)> {
+) -> io::Result<(u64, u64, Tail)> {
     let file = if q.fix {
         OpenOptions::new().read(true).write(true).open(path)?
     } else {
@@ -355,6 +388,10 @@ fn scan_segment(
     let name = rel(path, dir);
     let mut off = SEG_HEADER_LEN;
     let mut frames = 0u64;
+    let mut tail = Tail {
+        end: SEG_HEADER_LEN,
+        on_grid: true,
+    };
     while off < w.len {
         if let Ok(Some((entry, used, span))) = w.frame(off)? {
             let payload_len = span.map_or(0, |s| s.len as u32);
@@ -364,8 +401,22 @@ fn scan_segment(
                 len: used as u32,
             };
             rec.index.apply(&entry, loc, payload_len);
-            frames += 1;
-            off += used as u64;
+            let next = off + used as u64;
+            if matches!(entry, Entry::Pad { .. }) {
+                let shaped = if off == tail.end {
+                    next.is_multiple_of(PAD_GRID)
+                } else {
+                    off.is_multiple_of(PAD_GRID) && used as u64 == PAD_GRID
+                };
+                tail.on_grid &= shaped;
+            } else {
+                frames += 1;
+                tail = Tail {
+                    end: next,
+                    on_grid: true,
+                };
+            }
+            off = next;
             continue;
         }
         let why = match w.frame(off)? {
@@ -386,6 +437,7 @@ fn scan_segment(
                 let f =
                     Finding::new(FindingKind::BadFrame, name.clone(), off, next - off).detail(why);
                 q.bytes(&mut rec.findings, f, &bad)?;
+                tail.on_grid = false;
                 if q.fix {
                     let pad = codec::pad_frame((next - off) as usize);
                     w.file.write_all_at(&pad, off)?;
@@ -410,7 +462,7 @@ fn scan_segment(
             }
         }
     }
-    Ok((w.len, frames))
+    Ok((w.len, frames, tail))
 }
 
 fn truncate(q: &Quarantine, w: &mut Window, off: u64) -> io::Result<()> {

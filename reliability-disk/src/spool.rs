@@ -34,6 +34,10 @@ pub(crate) const BACKEND: &str = "disk";
 /// Default size at which the active segment is sealed and a new one begun.
 pub const DEFAULT_SEGMENT_MAX_BYTES: u64 = 64 * 1024 * 1024;
 
+/// Default stretch by which the active segment is preallocated ahead of its
+/// data.
+pub const DEFAULT_PREALLOCATE_BYTES: u64 = 1024 * 1024;
+
 /// When the spool syncs its log to stable storage.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
@@ -73,6 +77,12 @@ pub struct DiskSpoolConfig {
     pub fsync: FsyncMode,
     /// Size at which a segment is sealed; default 64 MiB.
     pub segment_max_bytes: u64,
+    /// How far ahead of its data the active segment is preallocated, with
+    /// padding frames written (and synced) once, so that the sync of each
+    /// batch written over them changes no file metadata; default 1 MiB, at
+    /// most 64 MiB, 0 turns preallocation off (the segment grows with every
+    /// write).
+    pub preallocate_bytes: u64,
 }
 
 impl DiskSpoolConfig {
@@ -83,6 +93,7 @@ impl DiskSpoolConfig {
             limits: SpoolLimits::default(),
             fsync: FsyncMode::default(),
             segment_max_bytes: DEFAULT_SEGMENT_MAX_BYTES,
+            preallocate_bytes: DEFAULT_PREALLOCATE_BYTES,
         }
     }
 }
@@ -112,6 +123,13 @@ impl DiskSpoolBuilder {
     /// Size at which a segment is sealed. Default 64 MiB.
     pub fn segment_max_bytes(mut self, bytes: u64) -> Self {
         self.config.segment_max_bytes = bytes;
+        self
+    }
+
+    /// How far ahead of its data the active segment is preallocated (0: not
+    /// at all). Default 1 MiB; see [`DiskSpoolConfig::preallocate_bytes`].
+    pub fn preallocate_bytes(mut self, bytes: u64) -> Self {
+        self.config.preallocate_bytes = bytes;
         self
     }
 
@@ -359,7 +377,7 @@ fn open_blocking(
                 sync_dir(&segments_dir(&dir))
             };
             create().map_err(|e| io_error("cannot create the first segment", &dir, e))?;
-            (1, SEG_HEADER_LEN)
+            (1, SEG_HEADER_LEN, SEG_HEADER_LEN)
         }
     };
     let mut counts = rec.index.records_per_segment();
@@ -376,16 +394,8 @@ fn open_blocking(
         quarantined_total: quarantined,
         ..State::default()
     }));
-    let mut writer = Writer::new(
-        dir.clone(),
-        config.fsync,
-        config.segment_max_bytes,
-        active,
-        counts,
-        files.clone(),
-        state.clone(),
-    )
-    .map_err(|e| io_error("cannot open the active segment", &dir, e))?;
+    let mut writer = Writer::new(&config, active, counts, files.clone(), state.clone())
+        .map_err(|e| io_error("cannot open the active segment", &dir, e))?;
     writer.fault = fault;
     let (tx, rx) = mpsc::channel();
     let handle = std::thread::Builder::new()

@@ -24,11 +24,17 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
-use crate::recover::{segment_header, segment_path, segments_dir, sync_dir, SEG_HEADER_LEN};
-use crate::spool::{FsyncMode, ReadFiles, State};
+use crate::codec;
+use crate::recover::{
+    segment_header, segment_path, segments_dir, sync_dir, PAD_GRID, SEG_HEADER_LEN,
+};
+use crate::spool::{DiskSpoolConfig, FsyncMode, ReadFiles, State};
 
 /// Largest batch the writer gathers before writing.
 const MAX_BATCH_BYTES: usize = 8 * 1024 * 1024;
+
+/// Largest stretch preallocated at once.
+const MAX_PREALLOCATE: u64 = 64 * 1024 * 1024;
 
 /// Longest wait for the callers of the last sync to queue again.
 const MAX_STRAGGLER_WAIT: Duration = Duration::from_micros(200);
@@ -68,7 +74,16 @@ pub(crate) struct Writer {
     pub(crate) segment_max: u64,
     pub(crate) seg: u32,
     pub(crate) file: File,
+    /// Where the data ends: the next batch is written here.
     pub(crate) len: u64,
+    /// The file's length: from `len` to here it holds preallocated padding.
+    alloc_end: u64,
+    /// How far past a batch the active segment is preallocated when it must
+    /// grow (0: never).
+    prealloc: u64,
+    /// Preallocation failed (full disk?): the active segment grows write by
+    /// write until the next roll.
+    prealloc_failed: bool,
     /// Records pinning each segment (live or dead), every segment listed.
     pub(crate) counts: BTreeMap<u32, u64>,
     pub(crate) files: Arc<ReadFiles>,
@@ -85,28 +100,41 @@ pub(crate) struct Writer {
 }
 
 impl Writer {
+    /// A writer of the spool `config` describes, resuming in `active`
+    /// (segment, end of its data, length of the file it may keep).
     pub(crate) fn new(
-        dir: PathBuf,
-        mode: FsyncMode,
-        segment_max: u64,
-        active: (u32, u64),
+        config: &DiskSpoolConfig,
+        active: (u32, u64, u64),
         counts: BTreeMap<u32, u64>,
         files: Arc<ReadFiles>,
         state: Arc<Mutex<State>>,
     ) -> io::Result<Self> {
-        let (seg, len) = active;
+        let (seg, len, keep) = active;
+        let dir = config.dir.clone();
         let file = OpenOptions::new()
             .write(true)
             .open(segment_path(&dir, seg))?;
+        // After the data there is only padding (recovery truncated or
+        // padded over the rest); what is not laid out on the grid goes.
+        let alloc_end = keep.max(len);
+        if file.metadata()?.len() > alloc_end {
+            file.set_len(alloc_end)?;
+        }
         let mut counts = counts;
         counts.entry(seg).or_insert(0);
         Ok(Self {
             dir,
-            mode,
-            segment_max: segment_max.max(SEG_HEADER_LEN + 1),
+            mode: config.fsync,
+            segment_max: config.segment_max_bytes.max(SEG_HEADER_LEN + 1),
             seg,
             file,
             len,
+            alloc_end,
+            prealloc: config
+                .preallocate_bytes
+                .min(MAX_PREALLOCATE)
+                .next_multiple_of(PAD_GRID),
+            prealloc_failed: false,
             counts,
             files,
             state,
@@ -223,6 +251,48 @@ impl Writer {
         sync_dir(&segments_dir(&self.dir))
     }
 
+    /// Appends to the batch in `buf` (to be written at `start`) the padding
+    /// that keeps the preallocated frames after it whole, and, when the
+    /// batch runs past the preallocated part, the next stretch of
+    /// preallocation. Returns whether it added preallocation.
+    ///
+    /// Preallocated padding frames are written (not `fallocate`d holes or
+    /// unwritten extents) so that the `fdatasync` of a batch written over
+    /// them changes no metadata: no journal commit, only the data and a
+    /// cache flush.
+    fn pad_and_preallocate(&mut self, start: u64) -> bool {
+        let end = start + self.buf.len() as u64;
+        let preallocating = self.prealloc > 0 && !self.prealloc_failed;
+        if !(preallocating || end < self.alloc_end) {
+            return false;
+        }
+        let mut gap = end.next_multiple_of(PAD_GRID) - end;
+        if gap > 0 && gap < codec::MIN_FRAME as u64 {
+            gap += PAD_GRID;
+        }
+        if gap > 0 {
+            self.buf.extend_from_slice(&codec::pad_frame(gap as usize));
+        }
+        let padded = end + gap;
+        if !preallocating || padded <= self.alloc_end {
+            return false;
+        }
+        // Not past the size at which the segment is sealed.
+        let sealed_at = self
+            .segment_max
+            .checked_next_multiple_of(PAD_GRID)
+            .unwrap_or(u64::MAX);
+        let until = (padded + self.prealloc).min(sealed_at);
+        if until <= padded {
+            return false;
+        }
+        let cell = codec::pad_frame(PAD_GRID as usize);
+        for _ in 0..(until - padded) / PAD_GRID {
+            self.buf.extend_from_slice(&cell);
+        }
+        true
+    }
+
     fn write_all(&mut self) -> io::Result<()> {
         if let Some(f) = &self.fault {
             let left = f.load(Ordering::Acquire);
@@ -253,17 +323,37 @@ impl Writer {
             offs.push(start + self.buf.len() as u64);
             self.buf.extend_from_slice(&req.bytes);
         }
-        if let Err(e) = self.write_all() {
+        let data = self.buf.len();
+        let grows = self.pad_and_preallocate(start);
+        let mut written = self.write_all();
+        if written.is_err() && grows {
+            // The preallocation did not fit (a full disk?): write the batch
+            // alone; the segment grows write by write until the next roll.
+            tracing::warn!(
+                segment = self.seg,
+                "disk spool: cannot preallocate, growing the segment instead"
+            );
+            self.prealloc_failed = true;
+            if self.file.set_len(start).is_ok() {
+                self.alloc_end = start;
+                self.buf.truncate(data);
+                written = self.write_all();
+            }
+        }
+        if let Err(e) = written {
             tracing::error!(error = %e, segment = self.seg, "disk spool: write failed");
-            // Put the segment back as it was before the batch.
+            // Put the segment back as it was before the batch (its
+            // preallocated padding included: the next batch grows it).
             let undo = self.file.set_len(start);
             if let Err(u) = undo {
                 tracing::error!(error = %u, "disk spool: cannot truncate a failed write");
             }
+            self.alloc_end = start;
             self.fail(batch, &e);
             return;
         }
-        self.len += self.buf.len() as u64;
+        self.len = start + data as u64;
+        self.alloc_end = self.alloc_end.max(start + self.buf.len() as u64);
         self.dirty = true;
         let needs_sync = batch.iter().any(|r| r.sync);
         // Requests that need no sync are answered before it.
@@ -346,6 +436,11 @@ impl Writer {
 
     /// Seals the active segment (synced) and starts the next one.
     fn roll(&mut self) -> io::Result<()> {
+        if self.alloc_end > self.len {
+            // The sealed segment keeps no preallocated tail.
+            self.file.set_len(self.len)?;
+            self.alloc_end = self.len;
+        }
         self.file.sync_data()?;
         self.dirty = false;
         let next = self.seg + 1;
@@ -361,6 +456,8 @@ impl Writer {
         self.file = f;
         self.seg = next;
         self.len = SEG_HEADER_LEN;
+        self.alloc_end = SEG_HEADER_LEN;
+        self.prealloc_failed = false;
         self.counts.entry(next).or_insert(0);
         tracing::debug!(segment = next, "disk spool: new segment");
         Ok(())
