@@ -52,6 +52,8 @@ const KEY_TTL: Duration = Duration::from_secs(600);
 const WORKER_LEASE: Duration = Duration::from_secs(2);
 /// How long the scenario waits for the status to turn healthy or degraded.
 const STATUS_WAIT: Duration = Duration::from_secs(5);
+/// Calls at least this slow are listed in the report.
+const SLOW: Duration = Duration::from_millis(100);
 /// How long it waits for failback (claims replayed one by one: a busy
 /// outage leaves thousands).
 const FAILBACK_WAIT: Duration = Duration::from_secs(30);
@@ -293,6 +295,15 @@ pub(crate) struct Report {
     pub(crate) all: PhaseStats,
     /// A few error messages callers saw.
     pub(crate) error_samples: Vec<String>,
+    /// Calls of 100 ms or more: start (since the load started), phase,
+    /// operation, latency, and the breaker's state when the call started.
+    pub(crate) slow_calls: Vec<(
+        Duration,
+        Phase,
+        &'static str,
+        Duration,
+        Option<BreakerState>,
+    )>,
     /// Fresh claims made / answered other than `Acquired`.
     pub(crate) fresh_claims: u64,
     /// See `fresh_claims`.
@@ -454,6 +465,8 @@ impl Shared {
 struct TaskStats {
     phases: Vec<PhaseStats>,
     errors: Vec<String>,
+    /// Calls of at least [`SLOW`]: start, phase, operation, latency.
+    slow: Vec<(Instant, Phase, &'static str, Duration)>,
     enqueued: Vec<String>,
     fresh_claims: u64,
     fresh_not_acquired: u64,
@@ -477,8 +490,12 @@ impl TaskStats {
         let phase = shared.phase();
         let t0 = Instant::now();
         let r = call.await;
+        let took = t0.elapsed();
         let stats = &mut self.phases[phase.index()];
-        stats.record(op, t0.elapsed());
+        stats.record(op, took);
+        if took >= SLOW && self.slow.len() < 50 {
+            self.slow.push((t0, phase, op, took));
+        }
         match r {
             Ok(v) => Some(v),
             Err(e) => {
@@ -1005,6 +1022,7 @@ pub(crate) async fn run(settings: &Settings) -> Result<Report, String> {
         .collect();
     let mut all = PhaseStats::default();
     let mut error_samples = Vec::new();
+    let mut slow: Vec<(Instant, Phase, &'static str, Duration)> = Vec::new();
     let (mut fresh_claims, mut fresh_not_acquired) = (0, 0);
     for t in &tasks {
         for (i, s) in t.phases.iter().enumerate() {
@@ -1012,6 +1030,7 @@ pub(crate) async fn run(settings: &Settings) -> Result<Report, String> {
             all.merge(s);
         }
         error_samples.extend(t.errors.iter().cloned());
+        slow.extend(t.slow.iter().copied());
         fresh_claims += t.fresh_claims;
         fresh_not_acquired += t.fresh_not_acquired;
     }
@@ -1097,6 +1116,24 @@ pub(crate) async fn run(settings: &Settings) -> Result<Report, String> {
         })
         .collect();
 
+    slow.sort_by_key(|c| c.0);
+    let slow_calls = slow
+        .iter()
+        .map(|(at, phase, op, took)| {
+            let breaker = log
+                .iter()
+                .take_while(|(t, _, _)| t <= at)
+                .last()
+                .and_then(|(_, _, b)| *b);
+            (
+                at.saturating_duration_since(t0),
+                *phase,
+                *op,
+                *took,
+                breaker,
+            )
+        })
+        .collect();
     let transitions = log
         .iter()
         .map(|(at, o, b)| (at.saturating_duration_since(t0), *o, *b))
@@ -1112,6 +1149,7 @@ pub(crate) async fn run(settings: &Settings) -> Result<Report, String> {
         phases,
         all,
         error_samples,
+        slow_calls,
         fresh_claims,
         fresh_not_acquired,
         enqueued: enqueued.len() as u64,
@@ -1238,6 +1276,21 @@ impl fmt::Display for Report {
         )?;
         for e in &self.error_samples {
             writeln!(f, "  error seen: {e}")?;
+        }
+        writeln!(
+            f,
+            "  calls of 100 ms or more: {} (start s, phase, op, latency, breaker at start)",
+            self.slow_calls.len()
+        )?;
+        for (at, phase, op, took, breaker) in self.slow_calls.iter().take(12) {
+            writeln!(
+                f,
+                "    {:7.3}  {:<9} {:<8} {:>10}  {breaker:?}",
+                at.as_secs_f64(),
+                phase.name(),
+                op,
+                ms(*took)
+            )?;
         }
         writeln!(f, "\nidempotency")?;
         writeln!(
