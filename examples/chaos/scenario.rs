@@ -241,8 +241,8 @@ pub(crate) struct FaultReport {
     pub(crate) moved: u64,
     /// Errors of those passes.
     pub(crate) failback_errors: Vec<String>,
-    /// `pendingReconcile` of the status right after the outage claims (at
-    /// least `outage_claimed` entries were pending then).
+    /// `pendingReconcile` of the status at the end of the outage (at least
+    /// `outage_claimed` entries, plus the producers' claims, were pending).
     pub(crate) pending_in_status_during_outage: u64,
     /// Status changes to Degraded after the first recovery, within the
     /// following phase (flaps).
@@ -915,8 +915,8 @@ pub(crate) async fn run(settings: &Settings) -> Result<Report, String> {
             event("status degraded".into());
         }
         let keys = claim_outage_keys(&r, "kill", settings.outage_keys, &mut k).await;
-        k.pending_in_status_during_outage = r.status().current().pending_reconcile;
         sleep_until(hit + p).await;
+        k.pending_in_status_during_outage = r.status().current().pending_reconcile;
         shared.set_phase(Phase::Restarted);
         let end_start = Instant::now();
         let end = blocking(|| {
@@ -952,8 +952,8 @@ pub(crate) async fn run(settings: &Settings) -> Result<Report, String> {
             event("status degraded".into());
         }
         let keys = claim_outage_keys(&r, "stop", settings.outage_keys, &mut s).await;
-        s.pending_in_status_during_outage = r.status().current().pending_reconcile;
         sleep_until(hit + p).await;
+        s.pending_in_status_during_outage = r.status().current().pending_reconcile;
         shared.set_phase(Phase::Resumed);
         let end_start = Instant::now();
         let end = blocking(|| {
@@ -1313,7 +1313,7 @@ impl fmt::Display for Report {
             )?;
             writeln!(
                 f,
-                "    status pendingReconcile read during the outage, after those claims: {}",
+                "    status pendingReconcile read at the end of the outage: {}",
                 k.pending_in_status_during_outage
             )?;
         }
