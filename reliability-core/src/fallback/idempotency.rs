@@ -24,6 +24,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use futures_util::stream::{self, StreamExt};
 use tracing::{info, warn};
 
 use super::Fallback;
@@ -46,6 +47,9 @@ pub(super) struct Journal {
 }
 
 const MIN_PRUNE_AT: usize = 4096;
+
+/// Journal entries replayed to the primary at once.
+const REPLAY_CONCURRENCY: usize = 32;
 
 #[derive(Debug, Clone)]
 struct JournalEntry {
@@ -130,12 +134,30 @@ impl<P: IdempotencyStore, S: IdempotencyStore> Fallback<P, S> {
                 .map(|(k, e)| (k.clone(), e.clone()))
                 .collect()
         };
-        for (key, entry) in todo {
+        let replays = todo.into_iter().filter_map(|(key, entry)| {
             let ttl = entry.expires_at.saturating_since(now);
-            if ttl.is_zero() {
+            (!ttl.is_zero()).then_some((key, entry, ttl))
+        });
+        // Up to REPLAY_CONCURRENCY replays in flight: they pipeline on the
+        // primary's connection, so a long outage's journal replays in a
+        // fraction of the one-by-one time.
+        let mut results = stream::iter(replays)
+            .map(|(key, entry, ttl)| async move {
+                // `None`: skipped, the primary went away meanwhile.
+                let r = if self.breaker.routes_to_primary() {
+                    Some(self.replay_one(&key, &entry, ttl).await)
+                } else {
+                    None
+                };
+                (key, r)
+            })
+            .buffer_unordered(REPLAY_CONCURRENCY);
+        while let Some((key, r)) = results.next().await {
+            let Some(r) = r else {
+                report.pending += 1;
                 continue;
-            }
-            match self.replay_one(&key, &entry, ttl).await {
+            };
+            match r {
                 Ok(Some(primary)) => {
                     report.replayed += 1;
                     self.journal
@@ -163,8 +185,13 @@ impl<P: IdempotencyStore, S: IdempotencyStore> Fallback<P, S> {
                     report.pending += 1;
                 }
                 Err(e) => {
+                    // A caller error will not change on retry: give up on
+                    // this entry (the secondary keeps honouring it).
                     warn!(key = %key, error = %e, "reconcile: the primary refused an entry");
                     report.conflicts += 1;
+                    if let Some(e) = lock(&self.journal.entries).get_mut(&key) {
+                        e.replayed = true;
+                    }
                 }
             }
         }
