@@ -1195,7 +1195,8 @@ impl fmt::Display for Report {
         if !self.faults {
             writeln!(
                 f,
-                "  external server: no fault injected; the phases are a plain soak"
+                "  external server: no fault injected; the phases are a plain soak \
+                 (named after the fault steps they stand in for)"
             )?;
         }
         writeln!(f, "\ntimeline (s since load start)")?;
