@@ -25,11 +25,13 @@
 //!
 //! The measurements take turns (`BENCH_ROUNDS`, default 6, turns of
 //! `BENCH_SECS / BENCH_ROUNDS`), so a neighbour loading the disk or the CPU
-//! for a while skews them alike. `BENCH_SECS` (default 3) sets each
-//! measurement's total length; `BENCH_DIR` the directory to measure in
-//! (default: the system temp dir). `BENCH_ONLY` picks measurements by key
-//! (default `raw,rawgrow,1,64,qf`); `1grow` and `64grow` run the spool with
-//! preallocation off (`preallocate_bytes(0)`), for A/B comparisons.
+//! for a while skews them alike (each turn starts one measurement later
+//! in the list, so none always follows the same one). `BENCH_SECS`
+//! (default 3) sets each measurement's total length; `BENCH_DIR` the
+//! directory to measure in (default: the system temp dir). `BENCH_ONLY`
+//! picks measurements by key (default `raw,rawgrow,1,64,qf`); `1grow` and
+//! `64grow` run the spool with preallocation off (`preallocate_bytes(0)`),
+//! for A/B comparisons.
 #![allow(clippy::print_stdout, reason = "a bench prints its table")]
 
 use std::os::unix::fs::FileExt as _;
@@ -64,11 +66,15 @@ impl Measured {
     }
 
     fn pct(&self, p: f64) -> String {
+        self.pct_us(p).map_or_else(|| "-".into(), |v| v.to_string())
+    }
+
+    fn pct_us(&self, p: f64) -> Option<u64> {
         if self.latencies.is_empty() {
-            return "-".into();
+            return None;
         }
         let i = ((self.latencies.len() - 1) as f64 * p).round() as usize;
-        format!("{}", self.latencies[i])
+        Some(self.latencies[i])
     }
 }
 
@@ -247,12 +253,16 @@ fn main() {
         })
         .collect();
     for r in 0..rounds {
-        for (i, (key, _)) in rows.iter().enumerate() {
+        // Each turn starts one measurement further down the list, so none
+        // always runs right after the same neighbour.
+        for k in 0..rows.len() {
+            let i = (k + r as usize) % rows.len();
+            let key = rows[i].0;
             if !runs(key) {
                 continue;
             }
             let dir = sub(&format!("{key}-{r}"));
-            let m = match *key {
+            let m = match key {
                 "raw" => raw_fsync(&dir, slice, true),
                 "rawgrow" => raw_fsync(&dir, slice, false),
                 "1" => rt.block_on(disk_spool(dir, 1, true, slice)),
@@ -264,6 +274,12 @@ fn main() {
             got[i].merge(m);
         }
     }
+    let median = |key: &str| {
+        rows.iter()
+            .position(|(k, _)| *k == key)
+            .and_then(|i| got[i].pct_us(0.5))
+            .map_or(f64::NAN, |v| v as f64)
+    };
     let rate = |key: &str| {
         rows.iter()
             .position(|(k, _)| *k == key)
@@ -306,6 +322,12 @@ fn main() {
         (
             "1 producer / raw fsync rate (growing file)",
             rate("1") / rate("rawgrow"),
+            None,
+            "x",
+        ),
+        (
+            "1 producer / raw, by median latency (prealloc.)",
+            median("raw") / median("1"),
             None,
             "x",
         ),
