@@ -922,12 +922,12 @@ fn tls_client(info: redis::ConnectionInfo, cfg: &RedisConfig) -> Result<Client> 
     let root_cert = tls
         .ca_file
         .as_deref()
-        .map(|p| read("caFile", p))
+        .map(|p| read("caFile", p).and_then(|pem| check_ca(p, pem)))
         .transpose()?;
     let client_tls = match (&tls.cert_file, &tls.key_file) {
         (Some(c), Some(k)) => Some(ClientTlsConfig {
-            client_cert: read("certFile", c)?,
-            client_key: read("keyFile", k)?,
+            client_cert: read("certFile", c).and_then(|pem| check_certs("certFile", c, pem))?,
+            client_key: read("keyFile", k).and_then(|pem| check_key(k, pem))?,
         }),
         (None, None) => None,
         _ => {
@@ -945,6 +945,69 @@ fn tls_client(info: redis::ConnectionInfo, cfg: &RedisConfig) -> Result<Client> 
         },
     )
     .map_err(|e| config_error("reliability.redis.url", &e))
+}
+
+/// `caFile` holds PEM certificates rustls accepts as trust anchors.
+/// redis-rs skips text that is not PEM, so without this check a wrong
+/// file would only show as a failed handshake (an outage) at first use.
+#[cfg(feature = "tls")]
+fn check_ca(path: &std::path::Path, pem: Vec<u8>) -> Result<Vec<u8>> {
+    use rustls::pki_types::{pem::PemObject, CertificateDer};
+    let pem = check_certs("caFile", path, pem)?;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(&pem).flatten() {
+        roots.add(cert).map_err(|e| {
+            Error::config(
+                "reliability.redis.tls.caFile",
+                format!("{}: not a usable CA certificate: {e}", path.display()),
+            )
+        })?;
+    }
+    Ok(pem)
+}
+
+/// `field` holds at least one PEM certificate, all of them well-formed.
+#[cfg(feature = "tls")]
+fn check_certs(field: &str, path: &std::path::Path, pem: Vec<u8>) -> Result<Vec<u8>> {
+    use rustls::pki_types::{pem::PemObject, CertificateDer};
+    let field = format!("reliability.redis.tls.{field}");
+    let mut count = 0;
+    for cert in CertificateDer::pem_slice_iter(&pem) {
+        cert.map_err(|e| {
+            Error::config(
+                &field,
+                format!("{}: unreadable PEM certificate: {e}", path.display()),
+            )
+        })?;
+        count += 1;
+    }
+    if count == 0 {
+        return Err(Error::config(
+            field,
+            format!(
+                "{}: holds no PEM certificate (-----BEGIN CERTIFICATE-----)",
+                path.display()
+            ),
+        ));
+    }
+    Ok(pem)
+}
+
+/// `keyFile` holds a PEM private key rustls can sign with.
+#[cfg(feature = "tls")]
+fn check_key(path: &std::path::Path, pem: Vec<u8>) -> Result<Vec<u8>> {
+    use rustls::pki_types::{pem::PemObject, PrivateKeyDer};
+    let bad = |e: String| {
+        Error::config(
+            "reliability.redis.tls.keyFile",
+            format!("{}: {e}", path.display()),
+        )
+    };
+    let key = PrivateKeyDer::from_pem_slice(&pem)
+        .map_err(|e| bad(format!("holds no usable PEM private key: {e}")))?;
+    rustls::crypto::ring::sign::any_supported_type(&key)
+        .map_err(|e| bad(format!("unsupported private key: {e}")))?;
+    Ok(pem)
 }
 
 #[cfg(not(feature = "tls"))]

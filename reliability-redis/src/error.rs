@@ -70,6 +70,20 @@ pub(crate) fn map(err: &RedisError, context: &str) -> (Error, Disposition) {
         }
         _ => {}
     }
+    if let Some(what) = tls_refusal(err) {
+        return (
+            Error::Backend {
+                backend: BACKEND,
+                message: format!(
+                    "TLS handshake failed: {what} (check reliability.redis.tls.caFile, \
+                     certFile / keyFile, and that the server's certificate names the host \
+                     of the URL): {message}"
+                ),
+                source: None,
+            },
+            Disposition::Reconnect,
+        );
+    }
     match err.kind() {
         ErrorKind::AuthenticationFailed => (auth_failed(&message), Disposition::Reconnect),
         ErrorKind::Server(ServerErrorKind::ReadOnly) => {
@@ -110,6 +124,53 @@ pub(crate) fn map(err: &RedisError, context: &str) -> (Error, Disposition) {
             Disposition::Keep,
         ),
     }
+}
+
+/// A TLS handshake that failed on a certificate — ours refusing the
+/// server's (unknown issuer, expired, wrong name) or the server refusing
+/// ours — is a deployment error, not an outage: a fallback must not hide
+/// it. redis-rs hands rustls' error over inside an `io::Error`.
+#[cfg(feature = "tls")]
+fn tls_refusal(err: &RedisError) -> Option<&'static str> {
+    use rustls::{AlertDescription as A, Error as T};
+    type Dyn = dyn std::error::Error + 'static;
+    // redis-rs keeps an `Arc<dyn Error>` holding an `io::Error` holding
+    // rustls' error: look through each wrapper.
+    fn unwrap(e: &Dyn) -> Option<&Dyn> {
+        if let Some(arc) = e.downcast_ref::<std::sync::Arc<dyn std::error::Error + Send + Sync>>() {
+            return Some(&**arc);
+        }
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            return io.get_ref().map(|i| i as &Dyn);
+        }
+        e.source()
+    }
+    let mut cur: Option<&Dyn> = std::error::Error::source(err);
+    for _ in 0..8 {
+        let Some(e) = cur else { break };
+        match e.downcast_ref::<T>() {
+            Some(T::InvalidCertificate(_)) => return Some("the server's certificate was refused"),
+            Some(T::NoCertificatesPresented) => return Some("the server presented no certificate"),
+            Some(T::AlertReceived(
+                A::BadCertificate
+                | A::UnknownCA
+                | A::CertificateRequired
+                | A::CertificateUnknown
+                | A::CertificateExpired
+                | A::CertificateRevoked
+                | A::UnsupportedCertificate
+                | A::AccessDenied,
+            )) => return Some("the server refused our client certificate"),
+            _ => {}
+        }
+        cur = unwrap(e);
+    }
+    None
+}
+
+#[cfg(not(feature = "tls"))]
+fn tls_refusal(_: &RedisError) -> Option<&'static str> {
+    None
 }
 
 fn auth_failed(message: &str) -> Error {

@@ -1,6 +1,12 @@
 //! `rediss://`: a redis-server serving TLS with a certificate this test
 //! generates (openssl CLI: a throwaway CA and a server certificate for
 //! 127.0.0.1), the client trusting that CA through `tls.caFile`.
+//!
+//! A missing or unreadable CA, certificate or key file is a configuration
+//! error naming its field, when the client is built; a server certificate
+//! the client refuses (another CA, no CA given) is a clear TLS error, never
+//! "unavailable" (a fallback would hide a deployment error behind an
+//! outage).
 #![allow(clippy::print_stdout)] // the test reports its figures
 
 mod common;
@@ -11,7 +17,7 @@ use std::time::Duration;
 
 use common::fresh_key_space;
 use reliability_core::config::{RedisConfig, RedisUrl, TlsConfig};
-use reliability_core::{Claim, Fingerprint, IdempotencyStore, Quota, RateLimiter};
+use reliability_core::{Claim, Error, Fingerprint, IdempotencyStore, Quota, RateLimiter};
 use reliability_redis::harness::{RedisServer, ServerOptions, TlsFiles};
 use reliability_redis::{RedisClient, RedisIdempotencyStore, RedisRateLimiter};
 
@@ -128,7 +134,8 @@ async fn rediss_with_a_generated_certificate() {
     assert!(!format!("{client:?}").contains("tls-pw"));
     println!("tls: claim and check over {}", server.tls_url().unwrap());
 
-    // Without the CA the server's certificate is refused.
+    // Without the CA (system roots) the server's certificate is refused:
+    // a TLS error, not "unavailable".
     let mut untrusted = cfg.clone();
     untrusted.tls = None;
     untrusted.connect_timeout = Duration::from_millis(500);
@@ -136,4 +143,154 @@ async fn rediss_with_a_generated_certificate() {
         .await
         .unwrap_err();
     println!("tls: without the CA -> {err}");
+    assert_refused_certificate(&err);
+
+    // A CA that did not sign the server's certificate: refused the same way.
+    let other_dir = tempfile::tempdir().unwrap();
+    let other = make_certs(other_dir.path());
+    let mut wrong_ca = cfg.clone();
+    let mut tls = TlsConfig::default();
+    tls.ca_file = Some(other.ca.clone());
+    wrong_ca.tls = Some(tls);
+    let err = RedisClient::connect(&wrong_ca, fresh_key_space("tls"))
+        .await
+        .unwrap_err();
+    println!("tls: another CA -> {err}");
+    assert_refused_certificate(&err);
+    // ... and so is every call of a lazily built client.
+    let lazy = RedisClient::lazy(&wrong_ca, fresh_key_space("tls")).unwrap();
+    let err = RedisRateLimiter::new(lazy)
+        .check("k", Quota::per_second(5).unwrap(), 1)
+        .await
+        .unwrap_err();
+    assert_refused_certificate(&err);
+}
+
+fn assert_refused_certificate(err: &Error) {
+    assert!(!err.is_unavailable(), "{err:?}");
+    assert!(matches!(err, Error::Backend { .. }), "{err:?}");
+    let text = err.to_string();
+    assert!(
+        text.contains("TLS handshake failed") && text.contains("reliability.redis.tls.caFile"),
+        "{text}"
+    );
+}
+
+/// The client built on `tls` for a TLS URL nobody serves: files are
+/// checked when the client is built, before any connection.
+fn build(tls: TlsConfig) -> Result<RedisClient, Error> {
+    let mut cfg = RedisConfig::standalone(RedisUrl::new("rediss://127.0.0.1:1/0").unwrap());
+    cfg.tls = Some(tls);
+    RedisClient::lazy(&cfg, fresh_key_space("tls"))
+}
+
+fn config_field(err: &Error) -> &str {
+    match err {
+        Error::Config { field, .. } => field,
+        other => panic!("expected a configuration error, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn unreadable_tls_files_are_configuration_errors_naming_the_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let files = make_certs(dir.path());
+    let missing = dir.path().join("does-not-exist.pem");
+    let not_pem = dir.path().join("not.pem");
+    std::fs::write(&not_pem, "this is not a certificate\n").unwrap();
+    let bad_base64 = dir.path().join("bad.pem");
+    std::fs::write(
+        &bad_base64,
+        "-----BEGIN CERTIFICATE-----\n!!!! not base64 !!!!\n-----END CERTIFICATE-----\n",
+    )
+    .unwrap();
+    let garbage_der = dir.path().join("garbage-der.pem");
+    std::fs::write(
+        &garbage_der,
+        "-----BEGIN CERTIFICATE-----\naGVsbG8gd29ybGQ=\n-----END CERTIFICATE-----\n",
+    )
+    .unwrap();
+
+    let ca = |path: &Path| {
+        let mut t = TlsConfig::default();
+        t.ca_file = Some(path.to_path_buf());
+        t
+    };
+    for (what, path) in [
+        ("missing", &missing),
+        ("not PEM", &not_pem),
+        ("bad base64", &bad_base64),
+        ("not a certificate", &garbage_der),
+        // A private key where the CA belongs.
+        ("a key", &files.key),
+    ] {
+        let err = build(ca(path)).unwrap_err();
+        println!("tls: caFile {what} -> {err}");
+        assert_eq!(config_field(&err), "reliability.redis.tls.caFile", "{what}");
+        assert!(
+            err.to_string().contains(&path.display().to_string()),
+            "{err}"
+        );
+    }
+
+    let mutual = |cert: &Path, key: &Path| {
+        let mut t = ca(&files.ca);
+        t.cert_file = Some(cert.to_path_buf());
+        t.key_file = Some(key.to_path_buf());
+        t
+    };
+    for (what, cert, key, field) in [
+        (
+            "cert missing",
+            &missing,
+            &files.key,
+            "reliability.redis.tls.certFile",
+        ),
+        (
+            "cert not PEM",
+            &not_pem,
+            &files.key,
+            "reliability.redis.tls.certFile",
+        ),
+        (
+            "cert is a key",
+            &files.key,
+            &files.key,
+            "reliability.redis.tls.certFile",
+        ),
+        (
+            "key missing",
+            &files.cert,
+            &missing,
+            "reliability.redis.tls.keyFile",
+        ),
+        (
+            "key not PEM",
+            &files.cert,
+            &not_pem,
+            "reliability.redis.tls.keyFile",
+        ),
+        (
+            "key is a cert",
+            &files.cert,
+            &files.cert,
+            "reliability.redis.tls.keyFile",
+        ),
+    ] {
+        let err = build(mutual(cert, key)).unwrap_err();
+        println!("tls: {what} -> {err}");
+        assert_eq!(config_field(&err), field, "{what}");
+    }
+
+    // certFile without keyFile.
+    let mut half = ca(&files.ca);
+    half.cert_file = Some(files.cert.clone());
+    assert_eq!(
+        config_field(&build(half).unwrap_err()),
+        "reliability.redis.tls"
+    );
+
+    // The good files build (and a client certificate with its key is fine).
+    build(ca(&files.ca)).expect("the CA file is fine");
+    build(mutual(&files.cert, &files.key)).expect("a certificate and its key are fine");
 }
