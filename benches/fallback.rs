@@ -55,6 +55,8 @@ const LIMIT_KEYS: u64 = 1000;
 /// Calls between two yields of an Open round (the yield is not timed), so
 /// the probe and the I/O driver get the worker now and then.
 const YIELD_EVERY: usize = 1024;
+/// An Open call this slow is printed (with its index) when it happens.
+const STALL: Duration = Duration::from_millis(20);
 
 /// Open: the fallback's p99 at most this times the local backend's.
 const OPEN_P99_TARGET: f64 = 1.5;
@@ -118,7 +120,9 @@ impl Latencies {
 
 /// Calls `op(i)` for `i` in `range`, timing each `.await` alone; appends
 /// the latencies to `out`, then hands each answer to `verify` (not timed).
+/// Calls of [`STALL`] or more are printed as they happen.
 async fn time_calls<F, Fut, T>(
+    what: &str,
     range: std::ops::Range<u64>,
     out: &mut Vec<u64>,
     mut op: F,
@@ -136,6 +140,9 @@ async fn time_calls<F, Fut, T>(
         let r = fut.await;
         let dt = t0.elapsed();
         out.push(u64::try_from(dt.as_nanos()).unwrap_or(u64::MAX));
+        if dt >= STALL {
+            println!("  stall: {what} call {i} took {dt:?}");
+        }
         verify(i, r);
     }
 }
@@ -217,12 +224,17 @@ impl Report {
         ));
     }
 
-    fn closed_row(&mut self, what: &str, fallback: (u64, f64), redis: (u64, f64)) {
-        let (f, r) = (fallback.0 as f64 / fallback.1, redis.0 as f64 / redis.1);
+    fn closed_row(&mut self, what: &str, ab: &Ab) {
+        let f = ab.fallback.0 as f64 / ab.fallback.1;
+        let r = ab.redis.0 as f64 / ab.redis.1;
         let ratio = f / r;
         let v = self.verdict(ratio >= CLOSED_TARGET);
+        let lo = ab.ratios.iter().copied().fold(f64::INFINITY, f64::min);
+        let hi = ab.ratios.iter().copied().fold(0.0, f64::max);
         self.lines.push(format!(
-            "{what:<46} {f:>9.0} / {r:>9.0} /s = {ratio:>5.3} (>= {CLOSED_TARGET}) {v}"
+            "{what:<46} {f:>9.0} / {r:>9.0} /s = {ratio:>5.3} (>= {CLOSED_TARGET}) {v:<6}  \
+             [{} rounds: {lo:.3} .. {hi:.3}]",
+            ab.ratios.len()
         ));
     }
 }
@@ -259,6 +271,7 @@ async fn open_claims(
             }
         };
         time_calls(
+            "fallback claim",
             range.clone(),
             &mut fb,
             |i| fallback.claim(k(i), &fp, LEASE),
@@ -266,6 +279,7 @@ async fn open_claims(
         )
         .await;
         time_calls(
+            "memory claim",
             range.clone(),
             &mut lo,
             |i| local.claim(k(i), &fp, LEASE),
@@ -287,7 +301,7 @@ async fn open_claims(
 
 /// Checks on `LIMIT_KEYS` keys: each fallback and `local` alternately.
 async fn open_checks(
-    fallbacks: &[&FbLimiter],
+    fallbacks: &[(&str, &FbLimiter)],
     local: &LocalRateLimiter,
     rounds: u64,
     per_round: u64,
@@ -303,12 +317,19 @@ async fn open_checks(
         let ok = |i: u64, d: reliability::Result<reliability::Decision>| {
             assert!(d.is_ok(), "check {i}: {d:?}");
         };
-        for (f, out) in fallbacks.iter().zip(fbs.iter_mut()) {
-            time_calls(range.clone(), out, |i| f.check(k(i), q, 1), ok).await;
+        for ((what, f), out) in fallbacks.iter().zip(fbs.iter_mut()) {
+            time_calls(what, range.clone(), out, |i| f.check(k(i), q, 1), ok).await;
         }
-        time_calls(range.clone(), &mut lo, |i| local.check(k(i), q, 1), ok).await;
+        time_calls(
+            "local check",
+            range.clone(),
+            &mut lo,
+            |i| local.check(k(i), q, 1),
+            ok,
+        )
+        .await;
     }
-    for f in fallbacks {
+    for (_, f) in fallbacks {
         let d = f.check("tenant-0", q, 1).await;
         assert!(d.is_ok(), "{d:?}");
     }
@@ -339,7 +360,10 @@ async fn open_section(case: &str, s: &OpenSide<'_>, report: &mut Report) {
     let (fb, lo) = open_claims(case, s.store, s.local_store, rounds, per_round).await;
     report.open_row(&format!("Open {case}: claim, fallback vs memory"), &fb, &lo);
     let (fbs, lo) = open_checks(
-        &[s.limiter, s.limiter_full],
+        &[
+            ("fallback check (LocalShare{1})", s.limiter),
+            ("fallback check (LocalFull)", s.limiter_full),
+        ],
         s.local_limiter,
         rounds,
         per_round,
@@ -366,84 +390,68 @@ async fn open_section(case: &str, s: &OpenSide<'_>, report: &mut Report) {
 // Closed: fallback vs Redis alone
 // ---------------------------------------------------------------------------
 
-/// `rounds` pairs of (fallback round, redis round) of claims of new keys.
-async fn closed_claims(
-    fallback: Arc<FbStore>,
-    redis: Arc<RedisIdempotencyStore>,
-    rounds: u64,
-) -> ((u64, f64), (u64, f64)) {
+/// One Closed round of claims of new keys (`salt` keeps rounds apart).
+async fn claims_round<S: IdempotencyStore>(store: Arc<S>, salt: u64) -> (u64, f64) {
     let fp = Fingerprint::of(b"payload");
-    let (mut fb, mut re) = ((0, 0.0), (0, 0.0));
-    for round in 0..rounds {
-        let s = redis.clone();
-        let r = throughput(move |t, i| {
-            let s = s.clone();
-            async move {
-                let c = s.claim(&format!("r{round}-{t}-{i}"), &fp, LEASE).await;
-                assert!(matches!(c, Ok(Claim::Acquired(_))), "{c:?}");
-            }
-        })
-        .await;
-        let s = fallback.clone();
-        let f = throughput(move |t, i| {
-            let s = s.clone();
-            async move {
-                let c = s.claim(&format!("f{round}-{t}-{i}"), &fp, LEASE).await;
-                assert!(matches!(c, Ok(Claim::Acquired(_))), "{c:?}");
-            }
-        })
-        .await;
-        println!(
-            "  claims round {round}: redis {:.0}/s, fallback {:.0}/s; load {}",
-            r.0 as f64 / r.1,
-            f.0 as f64 / f.1,
-            load()
-        );
-        (re.0, re.1) = (re.0 + r.0, re.1 + r.1);
-        (fb.0, fb.1) = (fb.0 + f.0, fb.1 + f.1);
-    }
-    (fb, re)
+    throughput(move |t, i| {
+        let s = store.clone();
+        async move {
+            let c = s.claim(&format!("c{salt}-{t}-{i}"), &fp, LEASE).await;
+            assert!(matches!(c, Ok(Claim::Acquired(_))), "{c:?}");
+        }
+    })
+    .await
 }
 
-/// `rounds` pairs of (redis round, fallback round) of checks on 1,000 keys.
-async fn closed_checks(
-    fallback: Arc<FbLimiter>,
-    redis: Arc<RedisRateLimiter>,
-    rounds: u64,
-) -> ((u64, f64), (u64, f64)) {
+/// One Closed round of checks on `LIMIT_KEYS` keys.
+async fn checks_round<L: RateLimiter>(limiter: Arc<L>) -> (u64, f64) {
     let q = quota();
-    let (mut fb, mut re) = ((0, 0.0), (0, 0.0));
+    throughput(move |t, i| {
+        let l = limiter.clone();
+        async move {
+            let key = format!("tenant-{}", (t as u64 * 7919 + i) % LIMIT_KEYS);
+            let d = l.check(&key, q, 1).await;
+            assert!(d.is_ok(), "{d:?}");
+        }
+    })
+    .await
+}
+
+/// Both sides of a Closed comparison: (operations, seconds) each, and the
+/// ratio of every pair of rounds.
+struct Ab {
+    fallback: (u64, f64),
+    redis: (u64, f64),
+    ratios: Vec<f64>,
+}
+
+/// `rounds` pairs of rounds: Redis alone, then the fallback (A B A B ...).
+async fn ab<R, RF, F, FF>(what: &str, rounds: u64, mut redis: R, mut fallback: F) -> Ab
+where
+    R: FnMut(u64) -> RF,
+    RF: Future<Output = (u64, f64)>,
+    F: FnMut(u64) -> FF,
+    FF: Future<Output = (u64, f64)>,
+{
+    let mut ab = Ab {
+        fallback: (0, 0.0),
+        redis: (0, 0.0),
+        ratios: Vec::new(),
+    };
     for round in 0..rounds {
-        let l = redis.clone();
-        let r = throughput(move |t, i| {
-            let l = l.clone();
-            async move {
-                let key = format!("tenant-{}", (t as u64 * 7919 + i) % LIMIT_KEYS);
-                let d = l.check(&key, q, 1).await;
-                assert!(d.is_ok(), "{d:?}");
-            }
-        })
-        .await;
-        let l = fallback.clone();
-        let f = throughput(move |t, i| {
-            let l = l.clone();
-            async move {
-                let key = format!("tenant-{}", (t as u64 * 7919 + i) % LIMIT_KEYS);
-                let d = l.check(&key, q, 1).await;
-                assert!(d.is_ok(), "{d:?}");
-            }
-        })
-        .await;
+        let r = redis(round).await;
+        let f = fallback(round).await;
+        let (rr, fr) = (r.0 as f64 / r.1, f.0 as f64 / f.1);
         println!(
-            "  checks round {round}: redis {:.0}/s, fallback {:.0}/s; load {}",
-            r.0 as f64 / r.1,
-            f.0 as f64 / f.1,
+            "  {what} round {round}: redis {rr:.0}/s, fallback {fr:.0}/s = {:.3}; load {}",
+            fr / rr,
             load()
         );
-        (re.0, re.1) = (re.0 + r.0, re.1 + r.1);
-        (fb.0, fb.1) = (fb.0 + f.0, fb.1 + f.1);
+        ab.ratios.push(fr / rr);
+        ab.redis = (ab.redis.0 + r.0, ab.redis.1 + r.1);
+        ab.fallback = (ab.fallback.0 + f.0, ab.fallback.1 + f.1);
     }
-    (fb, re)
+    ab
 }
 
 // ---------------------------------------------------------------------------
@@ -529,10 +537,22 @@ async fn run() -> usize {
         step().as_secs(),
         load()
     );
-    let (fb, re) = closed_claims(fb_store.clone(), redis_store.clone(), rounds).await;
-    report.closed_row("Closed: claims/s, fallback vs redis", fb, re);
-    let (fb, re) = closed_checks(fb_limiter.clone(), redis_limiter.clone(), rounds).await;
-    report.closed_row("Closed: checks/s, fallback vs redis", fb, re);
+    let claims = ab(
+        "claims",
+        rounds,
+        |round| claims_round(redis_store.clone(), 2 * round),
+        |round| claims_round(fb_store.clone(), 2 * round + 1),
+    )
+    .await;
+    report.closed_row("Closed: claims/s, fallback vs redis", &claims);
+    let checks = ab(
+        "checks",
+        rounds,
+        |_| checks_round(redis_limiter.clone()),
+        |_| checks_round(fb_limiter.clone()),
+    )
+    .await;
+    report.closed_row("Closed: checks/s, fallback vs redis", &checks);
     assert_eq!(
         breaker.state(),
         BreakerState::Closed,
