@@ -309,3 +309,39 @@ async fn durable_records_are_not_drained_into_a_volatile_redis() {
     let stats = spool.stats().await.expect("stats");
     assert_eq!(stats.depth(), 0, "{stats:?}");
 }
+
+/// Failback passes run one at a time: two at once (plus the background
+/// one) replay each outage claim once and report no conflict.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_failback_passes_replay_each_claim_once() {
+    let redis = server();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let r = Reliability::from_config(&config(&redis, dir.path()))
+        .await
+        .expect("build");
+    let breaker = r.breaker().expect("redis-enabled");
+    breaker.isolate();
+    let n = 600;
+    for i in 0..n {
+        let key = format!("outage-{i}");
+        let claim = r
+            .idempotency()
+            .claim(&key, &FP, Duration::from_secs(600))
+            .await;
+        assert!(matches!(claim, Ok(Claim::Acquired(_))), "{key}: {claim:?}");
+    }
+    breaker.release();
+    let mut rx = r.status().subscribe();
+    wait_status(&mut rx, Duration::from_secs(2), "healthy", |s| {
+        s.overall == Overall::Healthy
+    })
+    .await;
+    let (a, b) = tokio::join!(r.failback_now(), r.failback_now());
+    let (a, b) = (a.expect("pass a"), b.expect("pass b"));
+    for report in [a, b] {
+        if let Some(rec) = report.reconcile {
+            assert_eq!(rec.conflicts, 0, "{rec:?}");
+        }
+    }
+    assert_eq!(r.status().current().pending_reconcile, 0);
+}

@@ -44,6 +44,9 @@ pub(super) struct Journal {
     prune_at: std::sync::atomic::AtomicUsize,
     conflicts: std::sync::atomic::AtomicU64,
     replayed: std::sync::atomic::AtomicU64,
+    /// Held by a reconciliation pass: a second pass waits, then finds the
+    /// entries the first replayed, instead of replaying them again.
+    reconciling: tokio::sync::Mutex<()>,
 }
 
 const MIN_PRUNE_AT: usize = 4096;
@@ -111,7 +114,8 @@ impl<P: IdempotencyStore, S: IdempotencyStore> Fallback<P, S> {
 
     /// Replays the journal to the primary (see the module docs). Does nothing
     /// unless the breaker routes to the primary. Entries whose replay meets an
-    /// unavailable primary stay for the next pass.
+    /// unavailable primary stay for the next pass. Passes run one at a time:
+    /// concurrent callers wait, and replay nothing twice.
     ///
     /// # Errors
     /// None so far: failures are counted in the report; the `Result` leaves
@@ -122,6 +126,7 @@ impl<P: IdempotencyStore, S: IdempotencyStore> Fallback<P, S> {
             report.pending = self.pending_reconcile();
             return Ok(report);
         }
+        let _pass = self.journal.reconciling.lock().await;
         let now = self.now();
         let todo: Vec<(String, JournalEntry)> = {
             let mut entries = lock(&self.journal.entries);
