@@ -15,15 +15,16 @@
 //! ([`RateLimitPolicy::LocalShare`] with one replica) and with
 //! [`RateLimitPolicy::LocalFull`].
 //!
-//! The two sides of a comparison run in interleaved rounds (A B A B ...) so
-//! drift (other load, cache warm-up, growing tables) falls on both.
+//! The two sides of a comparison run in interleaved rounds (Open: A B A B
+//! ...; Closed: A B B A A B ...) so drift (other load, cache warm-up,
+//! growing tables) falls on both.
 //! Latencies are raw per-call samples (two `Instant::now()` around each
 //! `.await`; the cost of that pair is printed as `clock pair`), sorted for
 //! the percentiles. Every section prints `/proc/loadavg`: on a shared
 //! machine the figures are only as good as the load allows.
 //!
 //! Knobs (environment): `SECONDS_PER_STEP` (default 5) is the length of one
-//! Closed round; `CLOSED_ROUNDS` (default 3) the A/B pairs of Closed rounds;
+//! Closed round; `CLOSED_ROUNDS` (default 4) the pairs of Closed rounds;
 //! `OPEN_CALLS` (default 500000) the calls per side of an Open comparison,
 //! in `OPEN_ROUNDS` (default 10) pairs of rounds.
 //!
@@ -425,7 +426,9 @@ struct Ab {
     ratios: Vec<f64>,
 }
 
-/// `rounds` pairs of rounds: Redis alone, then the fallback (A B A B ...).
+/// `rounds` pairs of rounds, the order alternating (A B, B A, A B, ...) so
+/// a drift within a pair (Redis's key count grows with every claims round)
+/// falls on both sides.
 async fn ab<R, RF, F, FF>(what: &str, rounds: u64, mut redis: R, mut fallback: F) -> Ab
 where
     R: FnMut(u64) -> RF,
@@ -439,8 +442,13 @@ where
         ratios: Vec::new(),
     };
     for round in 0..rounds {
-        let r = redis(round).await;
-        let f = fallback(round).await;
+        let (r, f) = if round % 2 == 0 {
+            let r = redis(round).await;
+            (r, fallback(round).await)
+        } else {
+            let f = fallback(round).await;
+            (redis(round).await, f)
+        };
         let (rr, fr) = (r.0 as f64 / r.1, f.0 as f64 / f.1);
         println!(
             "  {what} round {round}: redis {rr:.0}/s, fallback {fr:.0}/s = {:.3}; load {}",
@@ -531,7 +539,7 @@ async fn run() -> usize {
     let local_limiter = LocalRateLimiter::new();
 
     // Closed.
-    let rounds = env_or("CLOSED_ROUNDS", 3).max(1);
+    let rounds = env_or("CLOSED_ROUNDS", 4).max(1);
     println!(
         "Closed: {TASKS} tasks, {rounds} A/B rounds of {} s per side; load {}",
         step().as_secs(),

@@ -9,7 +9,7 @@
 #           backend alone; target >= 0.95x.
 #
 #   benches/fallback_ratios.sh                       # 5 s per Closed round
-#   SECONDS_PER_STEP=10 CLOSED_ROUNDS=5 benches/fallback_ratios.sh
+#   SECONDS_PER_STEP=10 CLOSED_ROUNDS=8 benches/fallback_ratios.sh
 #   OPEN_CALLS=1000000 OPEN_ROUNDS=20 benches/fallback_ratios.sh
 #
 # Prints each ratio with its target and met/MISSED; exits 1 if one is
