@@ -51,6 +51,16 @@
 //! otherwise keeps writing to a demoted master). The cluster connection
 //! reconnects its nodes itself and is kept.
 //!
+//! # TLS (feature `tls`)
+//!
+//! `rediss://` URLs connect with rustls: to a standalone server; behind
+//! Sentinel, to the sentinels and to the master they name; on a Cluster,
+//! to every node (all URLs of a list use one scheme). `tls.caFile`,
+//! `certFile` and `keyFile` are read and checked when the client is built:
+//! a missing or unreadable file is [`Error::Config`] naming its field. A
+//! certificate refused in the handshake is [`Error::Backend`] saying so,
+//! never *unavailable*: a fallback must not hide a deployment error.
+//!
 //! # Secrets
 //!
 //! `Debug` shows the mode, redacted addresses, database and timeouts; no
@@ -209,12 +219,18 @@ impl RedisClient {
             // Without a runtime (a client built outside tokio) there is no
             // watcher; READONLY still drops stale connections.
             if let Ok(handle) = tokio::runtime::Handle::try_current() {
+                let field = "reliability.redis.sentinel.urls";
                 let clients = s
                     .urls
                     .iter()
-                    .map(|u| Client::open(u.expose()))
-                    .collect::<RedisResult<Vec<_>>>()
-                    .map_err(|e| config_error("reliability.redis.sentinel.urls", &e))?;
+                    .map(|u| {
+                        if u.is_tls() {
+                            tls_client(connection_info(u, field)?, cfg, field)
+                        } else {
+                            Client::open(u.expose()).map_err(|e| config_error(field, &e))
+                        }
+                    })
+                    .collect::<Result<Vec<_>>>()?;
                 handle.spawn(watch_sentinels(
                     Arc::downgrade(&inner),
                     clients,
@@ -786,7 +802,7 @@ impl Manager {
                 }
                 let info = info.set_redis_settings(settings);
                 let client = if url.is_tls() {
-                    tls_client(info, cfg)?
+                    tls_client(info, cfg, "reliability.redis.url")?
                 } else {
                     Client::open(info).map_err(|e| config_error("reliability.redis.url", &e))?
                 };
@@ -841,6 +857,21 @@ impl Manager {
                         b = b.set_client_to_sentinel_password(p);
                     }
                 }
+                if all_tls(&s.urls, field)? {
+                    // TLS to the sentinels and to the master they name.
+                    #[cfg(feature = "tls")]
+                    {
+                        use redis::TlsMode;
+                        let certs = tls_certificates(cfg)?;
+                        b = b
+                            .set_client_to_sentinel_tls_mode(TlsMode::Secure)
+                            .set_client_to_sentinel_certificates(certs.clone())
+                            .set_client_to_redis_tls_mode(TlsMode::Secure)
+                            .set_client_to_redis_certificates(certs);
+                    }
+                    #[cfg(not(feature = "tls"))]
+                    return Err(no_tls_feature(field));
+                }
                 let client = b.build().map_err(|e| config_error(field, &e))?;
                 Ok((
                     Mode::Sentinel,
@@ -879,6 +910,14 @@ impl Manager {
                 if let Some(p) = &cfg.password {
                     b = b.password(p.expose());
                 }
+                if all_tls(&c.urls, field)? {
+                    #[cfg(feature = "tls")]
+                    {
+                        b = b.tls(redis::TlsMode::Secure).certs(tls_certificates(cfg)?);
+                    }
+                    #[cfg(not(feature = "tls"))]
+                    return Err(no_tls_feature(field));
+                }
                 let client = b.build().map_err(|e| config_error(field, &e))?;
                 Ok((
                     Mode::Cluster,
@@ -896,10 +935,17 @@ impl Manager {
     }
 }
 
-/// A standalone `rediss://` client: the CA of `tls.caFile` (else the
-/// system roots) and, for mutual TLS, `certFile` / `keyFile`.
+/// A `rediss://` client of one server (`field` names its URL's setting).
 #[cfg(feature = "tls")]
-fn tls_client(info: redis::ConnectionInfo, cfg: &RedisConfig) -> Result<Client> {
+fn tls_client(info: redis::ConnectionInfo, cfg: &RedisConfig, field: &str) -> Result<Client> {
+    Client::build_with_tls(info, tls_certificates(cfg)?).map_err(|e| config_error(field, &e))
+}
+
+/// The TLS files of `reliability.redis.tls`, read and checked: the CA of
+/// `caFile` (else the system roots) and, for mutual TLS, `certFile` /
+/// `keyFile`.
+#[cfg(feature = "tls")]
+fn tls_certificates(cfg: &RedisConfig) -> Result<redis::TlsCertificates> {
     use redis::{ClientTlsConfig, TlsCertificates};
     // redis-rs enables rustls without a crypto provider; install ring's
     // unless the host installed one.
@@ -937,14 +983,10 @@ fn tls_client(info: redis::ConnectionInfo, cfg: &RedisConfig) -> Result<Client> 
             ))
         }
     };
-    Client::build_with_tls(
-        info,
-        TlsCertificates {
-            client_tls,
-            root_cert,
-        },
-    )
-    .map_err(|e| config_error("reliability.redis.url", &e))
+    Ok(TlsCertificates {
+        client_tls,
+        root_cert,
+    })
 }
 
 /// `caFile` holds PEM certificates rustls accepts as trust anchors.
@@ -1011,11 +1053,28 @@ fn check_key(path: &std::path::Path, pem: Vec<u8>) -> Result<Vec<u8>> {
 }
 
 #[cfg(not(feature = "tls"))]
-fn tls_client(_: redis::ConnectionInfo, _: &RedisConfig) -> Result<Client> {
-    Err(Error::config(
-        "reliability.redis.url",
+fn tls_client(_: redis::ConnectionInfo, _: &RedisConfig, field: &str) -> Result<Client> {
+    Err(no_tls_feature(field))
+}
+
+#[cfg(not(feature = "tls"))]
+fn no_tls_feature(field: &str) -> Error {
+    Error::config(
+        field,
         "rediss:// needs the `tls` feature of crate reliability-redis",
-    ))
+    )
+}
+
+/// Whether `urls` are `rediss://`: all or none.
+fn all_tls(urls: &[RedisUrl], field: &str) -> Result<bool> {
+    let tls = urls.iter().filter(|u| u.is_tls()).count();
+    if tls != 0 && tls != urls.len() {
+        return Err(Error::config(
+            field,
+            "mixes rediss:// and redis:// URLs; use one scheme for all",
+        ));
+    }
+    Ok(tls != 0)
 }
 
 fn connection_info(url: &RedisUrl, field: &str) -> Result<redis::ConnectionInfo> {

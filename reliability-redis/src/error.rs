@@ -165,6 +165,29 @@ fn tls_refusal(err: &RedisError) -> Option<&'static str> {
         }
         cur = unwrap(e);
     }
+    // The cluster client keeps only the text of its nodes' errors: rustls'
+    // own wording, then.
+    let text = err.to_string();
+    if text.contains("invalid peer certificate") {
+        return Some("the server's certificate was refused");
+    }
+    let refused_ours = [
+        "BadCertificate",
+        "UnknownCA",
+        "CertificateRequired",
+        "CertificateUnknown",
+        "CertificateExpired",
+        "CertificateRevoked",
+        "UnsupportedCertificate",
+        "AccessDenied",
+    ];
+    if text.contains("received fatal alert: ")
+        && refused_ours
+            .iter()
+            .any(|a| text.contains(&format!("alert: {a}")))
+    {
+        return Some("the server refused our client certificate");
+    }
     None
 }
 

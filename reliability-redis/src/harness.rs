@@ -264,6 +264,14 @@ exit 0"#;
             "protected-mode yes".to_string(),
         ];
         if let Role::Sentinel { text } = &self.role {
+            if let (Some(t), Some(tls_port)) = (&self.opts.tls, self.tls_port) {
+                lines.push(format!("tls-port {tls_port}"));
+                lines.push(format!("tls-cert-file {}", t.cert.display()));
+                lines.push(format!("tls-key-file {}", t.key.display()));
+                lines.push(format!("tls-ca-cert-file {}", t.ca.display()));
+                lines.push("tls-auth-clients no".to_string());
+            }
+            lines.extend(self.opts.extra_config.iter().cloned());
             lines.push(text.clone());
         } else {
             if !self.opts.persistence {
@@ -280,6 +288,11 @@ exit 0"#;
                 lines.push(format!("tls-key-file {}", t.key.display()));
                 lines.push(format!("tls-ca-cert-file {}", t.ca.display()));
                 lines.push("tls-auth-clients no".to_string());
+                if matches!(self.role, Role::ClusterNode) {
+                    // The bus speaks TLS too, and CLUSTER SLOTS asked over
+                    // TLS answers the nodes' TLS ports.
+                    lines.push("tls-cluster yes".to_string());
+                }
             }
             match &self.role {
                 Role::Replica { master_port } => {
@@ -303,6 +316,11 @@ exit 0"#;
             std::fs::write(&path, lines.join("\n") + "\n").expect("write redis.conf");
         }
         path
+    }
+
+    /// Whether `port` is this server's plain or TLS port.
+    fn serves(&self, port: u16) -> bool {
+        self.port == port || self.tls_port == Some(port)
     }
 
     /// `redis://127.0.0.1:<port>` (no credentials; see [`config`](Self::config)).
@@ -611,12 +629,31 @@ impl SentinelSet {
     /// `down_after_ms`; waits until every replica is in sync and every
     /// sentinel knows every replica and every other sentinel.
     pub fn start(replicas: usize, sentinels: usize, down_after_ms: u64) -> Self {
-        let master = RedisServer::start();
+        Self::start_with(replicas, sentinels, down_after_ms, ServerOptions::new())
+    }
+
+    /// As [`start`](Self::start), every process with `opts`. With
+    /// [`ServerOptions::tls`] the data nodes and the sentinels also serve
+    /// TLS, replication and the sentinels' own connections use it
+    /// (`tls-replication yes`), so the sentinels report the nodes' TLS
+    /// ports; [`tls_sentinel_urls`](Self::tls_sentinel_urls) reach the
+    /// sentinels. The harness keeps using the plain ports.
+    pub fn start_with(
+        replicas: usize,
+        sentinels: usize,
+        down_after_ms: u64,
+        opts: ServerOptions,
+    ) -> Self {
+        let mut opts = opts;
+        if opts.tls.is_some() {
+            opts.extra_config.push("tls-replication yes".to_string());
+        }
+        let master = RedisServer::start_with(opts.clone());
         let mut nodes = vec![master];
         for _ in 0..replicas {
-            let port = nodes[0].port;
+            let port = nodes[0].tls_port.unwrap_or(nodes[0].port);
             nodes.push(RedisServer::spawn(
-                ServerOptions::new(),
+                opts.clone(),
                 Role::Replica { master_port: port },
             ));
         }
@@ -632,15 +669,23 @@ impl SentinelSet {
              sentinel down-after-milliseconds {MASTER_NAME} {down_after_ms}\n\
              sentinel failover-timeout {MASTER_NAME} 10000\n\
              sentinel parallel-syncs {MASTER_NAME} 1",
-            nodes[0].port
+            nodes[0].tls_port.unwrap_or(nodes[0].port)
         );
         let mut set = SentinelSet {
             nodes,
             sentinels: Vec::new(),
         };
+        // The sentinels take the TLS files only (and TLS for their own
+        // connections); the data nodes' other options are not theirs.
+        let mut sentinel_opts = ServerOptions::new();
+        if let Some(files) = &opts.tls {
+            sentinel_opts = sentinel_opts
+                .tls(files.clone())
+                .config_line("tls-replication yes");
+        }
         for _ in 0..sentinels {
             set.sentinels.push(RedisServer::spawn(
-                ServerOptions::new(),
+                sentinel_opts.clone(),
                 Role::Sentinel { text: text.clone() },
             ));
         }
@@ -657,6 +702,14 @@ impl SentinelSet {
     /// The sentinels' URLs.
     pub fn sentinel_urls(&self) -> Vec<String> {
         self.sentinels.iter().map(RedisServer::url).collect()
+    }
+
+    /// The sentinels' `rediss://` URLs (empty without TLS).
+    pub fn tls_sentinel_urls(&self) -> Vec<String> {
+        self.sentinels
+            .iter()
+            .filter_map(RedisServer::tls_url)
+            .collect()
     }
 
     /// A Sentinel [`RedisConfig`] for this set.
@@ -695,7 +748,7 @@ impl SentinelSet {
     pub fn node_by_port(&mut self, port: u16) -> &mut RedisServer {
         self.nodes
             .iter_mut()
-            .find(|n| n.port == port)
+            .find(|n| n.serves(port))
             .expect("a node of this set")
     }
 
@@ -727,7 +780,7 @@ impl SentinelSet {
             if port == old {
                 return None;
             }
-            let node = self.nodes.iter().find(|n| n.port == port)?;
+            let node = self.nodes.iter().find(|n| n.serves(port))?;
             let role = node.try_cmd(&["ROLE"]).ok()?;
             (role.items().first().and_then(Resp::text).as_deref() == Some("master")).then_some(port)
         })
@@ -749,9 +802,17 @@ impl RedisCluster {
     /// `redis-cli --cluster create`, and waits until every node reports
     /// `cluster_state:ok` and knows every other node.
     pub fn start(masters: usize) -> Self {
+        Self::start_with(masters, ServerOptions::new())
+    }
+
+    /// As [`start`](Self::start), every node with `opts`. With
+    /// [`ServerOptions::tls`] the nodes also serve TLS, their bus speaks TLS
+    /// (`tls-cluster yes`), and [`tls_urls`](Self::tls_urls) reach them;
+    /// the harness keeps using the plain ports.
+    pub fn start_with(masters: usize, opts: ServerOptions) -> Self {
         assert!(masters >= 3, "redis-cli --cluster create needs 3 masters");
         let nodes: Vec<RedisServer> = (0..masters)
-            .map(|_| RedisServer::spawn(ServerOptions::new(), Role::ClusterNode))
+            .map(|_| RedisServer::spawn(opts.clone(), Role::ClusterNode))
             .collect();
         let mut cmd = Command::new("redis-cli");
         cmd.arg("--cluster").arg("create");
@@ -791,6 +852,11 @@ impl RedisCluster {
     /// The nodes' URLs.
     pub fn urls(&self) -> Vec<String> {
         self.nodes.iter().map(RedisServer::url).collect()
+    }
+
+    /// The nodes' `rediss://` URLs (empty without TLS).
+    pub fn tls_urls(&self) -> Vec<String> {
+        self.nodes.iter().filter_map(RedisServer::tls_url).collect()
     }
 
     /// A Cluster [`RedisConfig`] seeded with every node.

@@ -7,6 +7,10 @@
 //! the client refuses (another CA, no CA given) is a clear TLS error, never
 //! "unavailable" (a fallback would hide a deployment error behind an
 //! outage).
+//!
+//! The same holds behind Sentinel (TLS to the sentinels and to the master
+//! they name) and on a Cluster (`tls-cluster yes`: the nodes answer their
+//! TLS ports over TLS).
 #![allow(clippy::print_stdout)] // the test reports its figures
 
 mod common;
@@ -18,8 +22,8 @@ use std::time::Duration;
 use common::fresh_key_space;
 use reliability_core::config::{RedisConfig, RedisUrl, TlsConfig};
 use reliability_core::{Claim, Error, Fingerprint, IdempotencyStore, Quota, RateLimiter};
-use reliability_redis::harness::{RedisServer, ServerOptions, TlsFiles};
-use reliability_redis::{RedisClient, RedisIdempotencyStore, RedisRateLimiter};
+use reliability_redis::harness::{RedisCluster, RedisServer, SentinelSet, ServerOptions, TlsFiles};
+use reliability_redis::{Mode, RedisClient, RedisIdempotencyStore, RedisRateLimiter};
 
 fn openssl(dir: &Path, args: &[&str]) {
     let out = Command::new("openssl")
@@ -293,4 +297,123 @@ async fn unreadable_tls_files_are_configuration_errors_naming_the_field() {
     // The good files build (and a client certificate with its key is fine).
     build(ca(&files.ca)).expect("the CA file is fine");
     build(mutual(&files.cert, &files.key)).expect("a certificate and its key are fine");
+}
+
+#[tokio::test]
+async fn rediss_cluster() {
+    let certs_dir = tempfile::tempdir().unwrap();
+    let files = make_certs(certs_dir.path());
+    let cluster = RedisCluster::start_with(3, ServerOptions::new().tls(files.clone()));
+    let urls = cluster.tls_urls();
+    assert_eq!(urls.len(), 3);
+    let mut cfg = RedisConfig::cluster(urls.iter().map(|u| RedisUrl::new(u).unwrap()).collect());
+    let mut tls = TlsConfig::default();
+    tls.ca_file = Some(files.ca.clone());
+    cfg.tls = Some(tls);
+
+    let client = RedisClient::connect(&cfg, fresh_key_space("tlsc"))
+        .await
+        .expect("connect to the cluster over TLS");
+    assert_eq!(client.mode(), Mode::Cluster);
+    let store = RedisIdempotencyStore::new(client.clone());
+    let limiter = RedisRateLimiter::new(client.clone());
+    // Keys on every master's slots.
+    for i in 0..30 {
+        let key = format!("k{i}");
+        let claim = store
+            .claim(&key, &Fingerprint::of(b"x"), Duration::from_secs(30))
+            .await
+            .unwrap();
+        assert!(matches!(claim, Claim::Acquired(_)), "{key}: {claim:?}");
+        assert!(limiter
+            .check(&key, Quota::per_second(5).unwrap(), 1)
+            .await
+            .unwrap()
+            .is_allowed());
+    }
+    let mut used = 0;
+    for n in cluster.nodes() {
+        let keys = n.cmd(&["DBSIZE"]);
+        println!("tls cluster: node {} holds {keys:?}", n.port());
+        if keys != reliability_redis::harness::Resp::Int(0) {
+            used += 1;
+        }
+    }
+    assert_eq!(used, 3, "every master served keys");
+    println!("tls cluster: 30 claims and checks over {urls:?}");
+
+    // Another CA: refused, clearly.
+    let other_dir = tempfile::tempdir().unwrap();
+    let other = make_certs(other_dir.path());
+    let mut wrong_ca = cfg.clone();
+    let mut tls = TlsConfig::default();
+    tls.ca_file = Some(other.ca.clone());
+    wrong_ca.tls = Some(tls);
+    let err = RedisClient::connect(&wrong_ca, fresh_key_space("tlsc"))
+        .await
+        .unwrap_err();
+    println!("tls cluster: another CA -> {err}");
+    assert_refused_certificate(&err);
+
+    // One scheme for all nodes.
+    let mut mixed = cfg.clone();
+    let mut urls = cluster.tls_urls();
+    urls[0] = cluster.urls()[0].clone();
+    mixed.cluster.as_mut().unwrap().urls = urls.iter().map(|u| RedisUrl::new(u).unwrap()).collect();
+    let err = RedisClient::lazy(&mixed, fresh_key_space("tlsc")).unwrap_err();
+    assert_eq!(config_field(&err), "reliability.redis.cluster.urls");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rediss_sentinel() {
+    let certs_dir = tempfile::tempdir().unwrap();
+    let files = make_certs(certs_dir.path());
+    let set = tokio::task::block_in_place(|| {
+        SentinelSet::start_with(1, 1, 5_000, ServerOptions::new().tls(files.clone()))
+    });
+    let urls = set.tls_sentinel_urls();
+    assert_eq!(urls.len(), 1);
+    let master = set.master_port();
+    assert_eq!(
+        Some(master),
+        set.nodes()[0]
+            .tls_url()
+            .and_then(|u| u.rsplit(':').next()?.parse().ok()),
+        "the sentinel reports the master's TLS port"
+    );
+    let mut cfg = RedisConfig::sentinel(
+        reliability_redis::harness::MASTER_NAME,
+        urls.iter().map(|u| RedisUrl::new(u).unwrap()).collect(),
+    );
+    let mut tls = TlsConfig::default();
+    tls.ca_file = Some(files.ca.clone());
+    cfg.tls = Some(tls);
+
+    let client = RedisClient::connect(&cfg, fresh_key_space("tlss"))
+        .await
+        .expect("connect through TLS sentinels to the TLS master");
+    assert_eq!(client.mode(), Mode::Sentinel);
+    assert!(client.is_master().await.unwrap());
+    let store = RedisIdempotencyStore::new(client.clone());
+    assert!(matches!(
+        store
+            .claim("k", &Fingerprint::of(b"x"), Duration::from_secs(30))
+            .await
+            .unwrap(),
+        Claim::Acquired(_)
+    ));
+    println!("tls sentinel: claim through {urls:?}, master on TLS port {master}");
+
+    // Another CA: refused, clearly.
+    let other_dir = tempfile::tempdir().unwrap();
+    let other = make_certs(other_dir.path());
+    let mut wrong_ca = cfg.clone();
+    let mut tls = TlsConfig::default();
+    tls.ca_file = Some(other.ca.clone());
+    wrong_ca.tls = Some(tls);
+    let err = RedisClient::connect(&wrong_ca, fresh_key_space("tlss"))
+        .await
+        .unwrap_err();
+    println!("tls sentinel: another CA -> {err}");
+    assert_refused_certificate(&err);
 }
