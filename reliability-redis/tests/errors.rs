@@ -6,6 +6,8 @@
 //!   above 8 KiB.
 //! - A killed server gives unavailable errors within the client's
 //!   deadline; a hung (SIGSTOP) one times out within the response timeout.
+//! - `WAIT` runs on an exclusive connection: calls on the shared one go on
+//!   while it blocks, and it may outlast the response timeout.
 //! - A failed AUTH is a clear error, and the password appears nowhere: not
 //!   in `Debug`, `Display`, the error, the configuration's `Debug`, nor in
 //!   tracing output captured from a global subscriber.
@@ -319,4 +321,54 @@ async fn failed_auth_is_clear_and_secrets_never_leak() {
         seen.len(),
         seen.last().map_or(0, String::len)
     );
+}
+
+/// `WAIT` blocks the connection it is sent on: it runs on an exclusive
+/// pooled connection, so calls on the shared connection go on meanwhile,
+/// and it may block longer than the response timeout (its own timeout
+/// bounds it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wait_never_stalls_other_calls() {
+    let server = RedisServer::start();
+    let mut cfg = server.config();
+    cfg.response_timeout = Duration::from_millis(300);
+    let client = RedisClient::connect(&cfg, fresh_key_space("errors"))
+        .await
+        .expect("connect");
+    let store = RedisIdempotencyStore::new(client.clone());
+
+    // No replica will ever acknowledge: WAIT answers 0 after its timeout.
+    let wait = Duration::from_millis(1_000);
+    let waiter = {
+        let client = client.clone();
+        tokio::spawn(async move {
+            let t = Instant::now();
+            let acked = client.wait_replicas(1, wait).await;
+            (acked, t.elapsed())
+        })
+    };
+    // Let the WAIT reach the server first.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let mut worst = Duration::ZERO;
+    for i in 0..100 {
+        let t = Instant::now();
+        let c = store.claim(&format!("w{i}"), &fp(), LEASE).await.unwrap();
+        assert!(matches!(c, Claim::Acquired(_)), "{c:?}");
+        worst = worst.max(t.elapsed());
+    }
+    assert!(
+        !waiter.is_finished(),
+        "the claims ran while WAIT was blocked"
+    );
+    let (acked, took) = waiter.await.unwrap();
+    assert_eq!(
+        acked.expect("WAIT beyond the response timeout is no error"),
+        0
+    );
+    assert!(took >= wait, "WAIT returned after {took:?}");
+    assert!(
+        worst < cfg.response_timeout,
+        "a claim took {worst:?} during WAIT"
+    );
+    println!("errors: 100 claims during a {wait:?} WAIT, worst {worst:?}; WAIT took {took:?}");
 }
