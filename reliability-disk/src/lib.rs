@@ -35,9 +35,9 @@
 //! batch is written over them and padded up to the next multiple of 512
 //! bytes, so the segment is a valid sequence of frames at every moment, and
 //! the `fdatasync` of a batch changes no metadata (the file's size and
-//! blocks are already on disk): it flushes the data without waiting for a
-//! journal commit. A replay skips padding; opening resumes after the last
-//! frame that is not padding; a sealed segment is cut to its data.
+//! blocks are already on disk): it flushes the data without a journal
+//! commit or an inode write. A replay skips padding; opening resumes after
+//! the last frame that is not padding; a sealed segment is cut to its data.
 //!
 //! - `enqueue` returns once its frames are written and, per the mode, synced:
 //!   [`Durability::Synced`](reliability_core::Durability::Synced) (`Always`),

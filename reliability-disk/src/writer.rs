@@ -258,8 +258,8 @@ impl Writer {
     ///
     /// Preallocated padding frames are written (not `fallocate`d holes or
     /// unwritten extents) so that the `fdatasync` of a batch written over
-    /// them changes no metadata: no journal commit, only the data and a
-    /// cache flush.
+    /// them changes no metadata: no journal commit (nor, on ext4 without a
+    /// journal, an inode write), only the data and a cache flush.
     fn pad_and_preallocate(&mut self, start: u64) -> bool {
         let end = start + self.buf.len() as u64;
         let preallocating = self.prealloc > 0 && !self.prealloc_failed;
