@@ -226,15 +226,16 @@ impl Report {
     }
 
     fn closed_row(&mut self, what: &str, ab: &Ab) {
-        let f = ab.fallback.0 as f64 / ab.fallback.1;
-        let r = ab.redis.0 as f64 / ab.redis.1;
+        let (f, r) = (ab.fallback.rate(), ab.redis.rate());
         let ratio = f / r;
         let v = self.verdict(ratio >= CLOSED_TARGET);
         let lo = ab.ratios.iter().copied().fold(f64::INFINITY, f64::min);
         let hi = ab.ratios.iter().copied().fold(0.0, f64::max);
+        let ((rc, rs), (fc, fs)) = (ab.redis.cpu_us_per_op(), ab.fallback.cpu_us_per_op());
         self.lines.push(format!(
             "{what:<46} {f:>9.0} / {r:>9.0} /s = {ratio:>5.3} (>= {CLOSED_TARGET}) {v:<6}  \
-             [{} rounds: {lo:.3} .. {hi:.3}]",
+             [{} rounds: {lo:.3} .. {hi:.3}; CPU us/op client {fc:.1} / {rc:.1}, \
+             server {fs:.1} / {rs:.1}]",
             ab.ratios.len()
         ));
     }
@@ -418,18 +419,83 @@ async fn checks_round<L: RateLimiter>(limiter: Arc<L>) -> (u64, f64) {
     .await
 }
 
-/// Both sides of a Closed comparison: (operations, seconds) each, and the
-/// ratio of every pair of rounds.
+/// CPU seconds (user + system) a process has used so far, from
+/// `/proc/<pid>/stat` (`"self"` for this one); 0 where there is no `/proc`.
+fn cpu_seconds(pid: &str) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // Fields after the command name (which may hold spaces): state is
+    // field 3, utime and stime are fields 14 and 15, in clock ticks (100/s).
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<u64> = rest
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    f.iter().sum::<u64>() as f64 / 100.0
+}
+
+/// One side of a Closed comparison, summed over its rounds.
+#[derive(Default, Clone, Copy)]
+struct Tally {
+    ops: u64,
+    secs: f64,
+    /// CPU seconds of this process (the client).
+    client_cpu: f64,
+    /// CPU seconds of redis-server.
+    server_cpu: f64,
+}
+
+impl Tally {
+    fn rate(&self) -> f64 {
+        self.ops as f64 / self.secs
+    }
+
+    fn add(&mut self, o: Tally) {
+        self.ops += o.ops;
+        self.secs += o.secs;
+        self.client_cpu += o.client_cpu;
+        self.server_cpu += o.server_cpu;
+    }
+
+    /// Client and server CPU microseconds per operation.
+    fn cpu_us_per_op(&self) -> (f64, f64) {
+        let n = self.ops.max(1) as f64;
+        (self.client_cpu * 1e6 / n, self.server_cpu * 1e6 / n)
+    }
+}
+
+/// Runs one round and tallies its operations, time and CPU.
+async fn tally(server_pid: &str, round: impl Future<Output = (u64, f64)>) -> Tally {
+    let (c0, s0) = (cpu_seconds("self"), cpu_seconds(server_pid));
+    let (ops, secs) = round.await;
+    Tally {
+        ops,
+        secs,
+        client_cpu: cpu_seconds("self") - c0,
+        server_cpu: cpu_seconds(server_pid) - s0,
+    }
+}
+
+/// Both sides of a Closed comparison, and the ratio of every pair of rounds.
 struct Ab {
-    fallback: (u64, f64),
-    redis: (u64, f64),
+    fallback: Tally,
+    redis: Tally,
     ratios: Vec<f64>,
 }
 
 /// `rounds` pairs of rounds, the order alternating (A B, B A, A B, ...) so
 /// a drift within a pair (Redis's key count grows with every claims round)
 /// falls on both sides.
-async fn ab<R, RF, F, FF>(what: &str, rounds: u64, mut redis: R, mut fallback: F) -> Ab
+async fn ab<R, RF, F, FF>(
+    what: &str,
+    server_pid: &str,
+    rounds: u64,
+    mut redis: R,
+    mut fallback: F,
+) -> Ab
 where
     R: FnMut(u64) -> RF,
     RF: Future<Output = (u64, f64)>,
@@ -437,27 +503,30 @@ where
     FF: Future<Output = (u64, f64)>,
 {
     let mut ab = Ab {
-        fallback: (0, 0.0),
-        redis: (0, 0.0),
+        fallback: Tally::default(),
+        redis: Tally::default(),
         ratios: Vec::new(),
     };
     for round in 0..rounds {
         let (r, f) = if round % 2 == 0 {
-            let r = redis(round).await;
-            (r, fallback(round).await)
+            let r = tally(server_pid, redis(round)).await;
+            (r, tally(server_pid, fallback(round)).await)
         } else {
-            let f = fallback(round).await;
-            (redis(round).await, f)
+            let f = tally(server_pid, fallback(round)).await;
+            (tally(server_pid, redis(round)).await, f)
         };
-        let (rr, fr) = (r.0 as f64 / r.1, f.0 as f64 / f.1);
+        let ((rc, rs), (fc, fs)) = (r.cpu_us_per_op(), f.cpu_us_per_op());
         println!(
-            "  {what} round {round}: redis {rr:.0}/s, fallback {fr:.0}/s = {:.3}; load {}",
-            fr / rr,
+            "  {what} round {round}: redis {:.0}/s, fallback {:.0}/s = {:.3}; \
+             CPU us/op client {rc:.1} / {fc:.1}, server {rs:.1} / {fs:.1}; load {}",
+            r.rate(),
+            f.rate(),
+            f.rate() / r.rate(),
             load()
         );
-        ab.ratios.push(fr / rr);
-        ab.redis = (ab.redis.0 + r.0, ab.redis.1 + r.1);
-        ab.fallback = (ab.fallback.0 + f.0, ab.fallback.1 + f.1);
+        ab.ratios.push(f.rate() / r.rate());
+        ab.redis.add(r);
+        ab.fallback.add(f);
     }
     ab
 }
@@ -545,8 +614,10 @@ async fn run() -> usize {
         step().as_secs(),
         load()
     );
+    let pid = server.pid().to_string();
     let claims = ab(
         "claims",
+        &pid,
         rounds,
         |round| claims_round(redis_store.clone(), 2 * round),
         |round| claims_round(fb_store.clone(), 2 * round + 1),
@@ -555,6 +626,7 @@ async fn run() -> usize {
     report.closed_row("Closed: claims/s, fallback vs redis", &claims);
     let checks = ab(
         "checks",
+        &pid,
         rounds,
         |_| checks_round(redis_limiter.clone()),
         |_| checks_round(fb_limiter.clone()),
