@@ -342,7 +342,9 @@ impl RedisClient {
     /// script's reply and the number of replicas that acknowledged. The
     /// command part is bounded by `timeout` plus the response timeout.
     /// Runs on an exclusive pooled connection (`WAIT` blocks it), not on
-    /// the shared one.
+    /// the shared one. In cluster mode, or with `replicas` 0, there is no
+    /// `WAIT`: the script runs on the shared connection and 0 replicas
+    /// acknowledged.
     ///
     /// # Errors
     /// As [`invoke`](Self::invoke).
@@ -356,6 +358,10 @@ impl RedisClient {
     ) -> Result<(Value, u32)> {
         let cmd = evalsha(script, keys, args);
         let context = keys.first().map_or("script", String::as_str);
+        if self.inner.mode == Mode::Cluster || replicas == 0 {
+            // Nothing to wait for: the shared connection will do.
+            return Ok((self.eval(script, &cmd, context).await?, 0));
+        }
         let mut conn = self.checkout(context).await?;
         let run = async {
             match cmd.query_async::<Value>(&mut *conn).await {
