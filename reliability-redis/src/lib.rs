@@ -15,7 +15,7 @@
 //!
 //! | feature | default | what it adds |
 //! |---|---|---|
-//! | `tls` | no | `rediss://` connections (rustls with the ring provider; standalone servers) |
+//! | `tls` | no | `rediss://` connections (rustls with the ring provider; standalone, Sentinel and Cluster) |
 //! | `test-harness` | no | `harness`: starts `redis-server`, Sentinel sets and clusters on free loopback ports, for tests |
 #![doc(test(attr(deny(warnings))))]
 
