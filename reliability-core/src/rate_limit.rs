@@ -231,6 +231,16 @@ impl<'a> CheckFuture<'a> {
     pub fn new(future: impl Future<Output = Result<Decision>> + Send + 'a) -> Self {
         CheckFuture(CheckInner::Boxed(Box::pin(future)))
     }
+
+    /// Applies `f` to the decision: at once (no allocation) when it is
+    /// already made, else after the boxed future.
+    pub fn map(self, f: impl FnOnce(Result<Decision>) -> Result<Decision> + Send + 'a) -> Self {
+        match self.0 {
+            CheckInner::Ready(Some(d)) => CheckFuture::ready(f(d)),
+            CheckInner::Ready(None) => self,
+            CheckInner::Boxed(fut) => CheckFuture::new(async move { f(fut.await) }),
+        }
+    }
 }
 
 impl Future for CheckFuture<'_> {

@@ -352,9 +352,9 @@ impl<P: IdempotencyStore, S: IdempotencyStore> IdempotencyStore for Fallback<P, 
             }
         }
         let claimed = self
-            .call(
-                self.primary.claim(key, fingerprint, lease),
-                self.claim_on_secondary(key, fingerprint, lease),
+            .call_with(
+                || self.primary.claim(key, fingerprint, lease),
+                || self.claim_on_secondary(key, fingerprint, lease),
             )
             .await?;
         if let Claim::Acquired(l) = &claimed {
@@ -416,9 +416,9 @@ impl<P: IdempotencyStore, S: IdempotencyStore> IdempotencyStore for Fallback<P, 
             return Ok(());
         }
         let r = self
-            .call(
-                self.primary.complete(lease, result.clone(), retention),
-                self.complete_locally(lease, result.clone(), retention),
+            .call_with(
+                || self.primary.complete(lease, result.clone(), retention),
+                || self.complete_locally(lease, result.clone(), retention),
             )
             .await;
         if r.is_ok() {

@@ -218,8 +218,33 @@ impl<P, S> Fallback<P, S> {
     }
 }
 
+impl<P, S> Fallback<P, S> {
+    /// [`call`](Self::call) with the futures built only when needed: while
+    /// the breaker is open, the primary's future (an allocation for an
+    /// `async_trait` backend) is never made.
+    pub(crate) async fn call_with<T, FP, FS>(
+        &self,
+        primary: impl FnOnce() -> FP,
+        secondary: impl FnOnce() -> FS,
+    ) -> Result<T>
+    where
+        FP: Future<Output = Result<T>>,
+        FS: Future<Output = Result<T>>,
+    {
+        if self.breaker.routes_to_primary() {
+            return self.call(primary(), secondary()).await;
+        }
+        metrics::fallback("open");
+        let answer = secondary().await;
+        metrics::call("secondary", metrics::outcome(&answer));
+        answer
+    }
+}
+
 impl<P: RateLimiter, S: RateLimiter> Fallback<P, S> {
-    async fn check_degraded(&self, key: &str, quota: Quota, cost: u32) -> Result<Decision> {
+    /// The answer of the rate-limit policy while the primary is down:
+    /// ready (no allocation) for the fixed policies and a local secondary.
+    fn check_degraded<'a>(&'a self, key: &'a str, quota: Quota, cost: u32) -> CheckFuture<'a> {
         let not_allowed = |outcome, retry_after| Decision {
             outcome,
             limit: quota.burst(),
@@ -229,29 +254,31 @@ impl<P: RateLimiter, S: RateLimiter> Fallback<P, S> {
         };
         match self.rate_limit_policy {
             RateLimitPolicy::FailOpen | RateLimitPolicy::FailClosed if cost > quota.burst() => {
-                Ok(not_allowed(Outcome::Never, Duration::MAX))
+                CheckFuture::ready(Ok(not_allowed(Outcome::Never, Duration::MAX)))
             }
-            RateLimitPolicy::FailOpen => Ok(Decision {
+            RateLimitPolicy::FailOpen => CheckFuture::ready(Ok(Decision {
                 outcome: Outcome::Allowed,
                 limit: quota.burst(),
                 remaining: quota.burst().saturating_sub(cost),
                 retry_after: Duration::ZERO,
                 reset_after: Duration::ZERO,
-            }),
+            })),
             RateLimitPolicy::FailClosed => {
-                Ok(not_allowed(Outcome::Denied, quota.emission_interval()))
+                CheckFuture::ready(Ok(not_allowed(Outcome::Denied, quota.emission_interval())))
             }
-            RateLimitPolicy::LocalFull => self.secondary.check(key, quota, cost).await,
+            RateLimitPolicy::LocalFull => self.secondary.check(key, quota, cost),
             RateLimitPolicy::LocalShare { replicas } => {
                 let share = quota.share(replicas);
-                let mut d = self.secondary.check(key, share, cost).await?;
-                if d.outcome == Outcome::Never && cost <= quota.burst() {
-                    // Within the real burst: "not now", not "never".
-                    d.outcome = Outcome::Denied;
-                    d.retry_after = share.emission_interval().saturating_mul(cost);
-                }
-                d.limit = quota.burst();
-                Ok(d)
+                self.secondary.check(key, share, cost).map(move |d| {
+                    let mut d = d?;
+                    if d.outcome == Outcome::Never && cost <= quota.burst() {
+                        // Within the real burst: "not now", not "never".
+                        d.outcome = Outcome::Denied;
+                        d.retry_after = share.emission_interval().saturating_mul(cost);
+                    }
+                    d.limit = quota.burst();
+                    Ok(d)
+                })
             }
         }
     }
@@ -267,10 +294,11 @@ impl<P: RateLimiter, S: RateLimiter> RateLimiter for Fallback<P, S> {
     }
 
     fn check<'a>(&'a self, key: &'a str, quota: Quota, cost: u32) -> CheckFuture<'a> {
-        if !self.breaker.routes_to_primary() && self.rate_limit_policy == RateLimitPolicy::LocalFull
-        {
-            // Open: the secondary's own future, allocation-free for a local one.
-            return self.secondary.check(key, quota, cost);
+        if !self.breaker.routes_to_primary() {
+            // Open: the policy's answer, allocation-free with a local
+            // secondary; no primary future is built.
+            metrics::fallback("open");
+            return self.check_degraded(key, quota, cost);
         }
         CheckFuture::new(self.call(
             self.primary.check(key, quota, cost),
