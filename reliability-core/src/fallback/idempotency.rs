@@ -19,6 +19,7 @@
 //!   succeed without effect on the primary (its lease simply runs out).
 
 use std::collections::HashMap;
+use std::hash::{BuildHasher, Hash};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -36,12 +37,10 @@ use crate::idempotency::{Claim, Fingerprint, IdempotencyStore, Lease, LeaseToken
 /// What the fallback remembers of keys the secondary answered for.
 #[derive(Debug, Default)]
 pub(super) struct Journal {
-    entries: Mutex<HashMap<String, JournalEntry>>,
+    entries: Sharded<String, JournalEntry>,
     /// Leases acquired from the primary: key and fingerprint, so a
     /// completion can be recorded locally if the primary is gone.
-    primary_leases: Mutex<HashMap<LeaseToken, (Fingerprint, Timestamp)>>,
-    /// Prune `primary_leases` of expired leases when it reaches this size.
-    prune_at: std::sync::atomic::AtomicUsize,
+    primary_leases: Sharded<LeaseToken, (Fingerprint, Timestamp)>,
     conflicts: std::sync::atomic::AtomicU64,
     replayed: std::sync::atomic::AtomicU64,
     /// Held by a reconciliation pass: a second pass waits, then finds the
@@ -49,7 +48,67 @@ pub(super) struct Journal {
     reconciling: tokio::sync::Mutex<()>,
 }
 
-const MIN_PRUNE_AT: usize = 4096;
+/// Shards of the journal's maps: a resize (of a journal holding a long
+/// outage's claims) or a busy lock stalls one shard's callers, not every
+/// claim.
+const SHARDS: usize = 64;
+
+/// A shard prunes dead entries on insert once it holds this many, and then
+/// at twice what stayed (amortized).
+const MIN_PRUNE_AT: usize = 64;
+
+/// A map split into [`SHARDS`] mutex-guarded parts by key hash.
+#[derive(Debug)]
+pub(super) struct Sharded<K, V> {
+    shards: Box<[Mutex<Shard<K, V>>]>,
+    hasher: std::hash::RandomState,
+}
+
+#[derive(Debug)]
+struct Shard<K, V> {
+    map: HashMap<K, V>,
+    prune_at: usize,
+}
+
+impl<K, V> Default for Sharded<K, V> {
+    fn default() -> Self {
+        Self {
+            shards: (0..SHARDS)
+                .map(|_| {
+                    Mutex::new(Shard {
+                        map: HashMap::new(),
+                        prune_at: MIN_PRUNE_AT,
+                    })
+                })
+                .collect(),
+            hasher: std::hash::RandomState::new(),
+        }
+    }
+}
+
+impl<K: Hash + Eq, V> Sharded<K, V> {
+    /// The shard of `key`, locked.
+    fn shard<Q: Hash + ?Sized>(&self, key: &Q) -> MutexGuard<'_, Shard<K, V>> {
+        let i = (self.hasher.hash_one(key) % SHARDS as u64) as usize;
+        lock(&self.shards[i])
+    }
+
+    /// Every shard, locked one after the other.
+    fn each(&self) -> impl Iterator<Item = MutexGuard<'_, Shard<K, V>>> {
+        self.shards.iter().map(lock)
+    }
+
+    /// Inserts, first dropping the entries `live` rejects if the shard
+    /// reached its prune size.
+    fn insert(&self, key: K, value: V, live: impl Fn(&V) -> bool) {
+        let mut shard = self.shard(&key);
+        if shard.map.len() >= shard.prune_at {
+            shard.map.retain(|_, v| live(v));
+            shard.prune_at = (shard.map.len() * 2).max(MIN_PRUNE_AT);
+        }
+        shard.map.insert(key, value);
+    }
+}
 
 /// Journal entries replayed to the primary at once.
 const REPLAY_CONCURRENCY: usize = 32;
@@ -99,10 +158,16 @@ impl<P: IdempotencyStore, S: IdempotencyStore> Fallback<P, S> {
     /// Journal entries not yet replayed to the primary.
     pub fn pending_reconcile(&self) -> u64 {
         let now = self.now();
-        lock(&self.journal.entries)
-            .values()
-            .filter(|e| !e.replayed && e.expires_at > now)
-            .count() as u64
+        self.journal
+            .entries
+            .each()
+            .map(|s| {
+                s.map
+                    .values()
+                    .filter(|e| !e.replayed && e.expires_at > now)
+                    .count()
+            })
+            .sum::<usize>() as u64
     }
 
     /// Conflicts found by reconciliation since the fallback was built.
@@ -128,17 +193,19 @@ impl<P: IdempotencyStore, S: IdempotencyStore> Fallback<P, S> {
         }
         let _pass = self.journal.reconciling.lock().await;
         let now = self.now();
-        let todo: Vec<(String, JournalEntry)> = {
-            let mut entries = lock(&self.journal.entries);
-            let before = entries.len();
-            entries.retain(|_, e| e.expires_at > now);
-            report.expired = (before - entries.len()) as u64;
-            entries
-                .iter()
-                .filter(|(_, e)| !e.replayed)
-                .map(|(k, e)| (k.clone(), e.clone()))
-                .collect()
-        };
+        let mut todo: Vec<(String, JournalEntry)> = Vec::new();
+        for mut shard in self.journal.entries.each() {
+            let before = shard.map.len();
+            shard.map.retain(|_, e| e.expires_at > now);
+            report.expired += (before - shard.map.len()) as u64;
+            todo.extend(
+                shard
+                    .map
+                    .iter()
+                    .filter(|(_, e)| !e.replayed)
+                    .map(|(k, e)| (k.clone(), e.clone())),
+            );
+        }
         let replays = todo.into_iter().filter_map(|(key, entry)| {
             let ttl = entry.expires_at.saturating_since(now);
             (!ttl.is_zero()).then_some((key, entry, ttl))
@@ -168,7 +235,7 @@ impl<P: IdempotencyStore, S: IdempotencyStore> Fallback<P, S> {
                     self.journal
                         .replayed
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    if let Some(e) = lock(&self.journal.entries).get_mut(&key) {
+                    if let Some(e) = self.journal.entries.shard(&key).map.get_mut(&key) {
                         e.replayed = true;
                         if e.state == EntryState::Pending {
                             e.primary = primary;
@@ -181,7 +248,7 @@ impl<P: IdempotencyStore, S: IdempotencyStore> Fallback<P, S> {
                         .conflicts
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     warn!(key = %key, "reconcile conflict: the primary already holds this key");
-                    if let Some(e) = lock(&self.journal.entries).get_mut(&key) {
+                    if let Some(e) = self.journal.entries.shard(&key).map.get_mut(&key) {
                         e.replayed = true;
                     }
                 }
@@ -194,7 +261,7 @@ impl<P: IdempotencyStore, S: IdempotencyStore> Fallback<P, S> {
                     // this entry (the secondary keeps honouring it).
                     warn!(key = %key, error = %e, "reconcile: the primary refused an entry");
                     report.conflicts += 1;
-                    if let Some(e) = lock(&self.journal.entries).get_mut(&key) {
+                    if let Some(e) = self.journal.entries.shard(&key).map.get_mut(&key) {
                         e.replayed = true;
                     }
                 }
@@ -242,31 +309,38 @@ impl<P: IdempotencyStore, S: IdempotencyStore> Fallback<P, S> {
 
     fn journal_live(&self, key: &str) -> bool {
         let now = self.now();
-        lock(&self.journal.entries)
+        self.journal
+            .entries
+            .shard(key)
+            .map
             .get(key)
             .is_some_and(|e| e.expires_at > now)
     }
 
     fn journal_claim(&self, key: &str, fingerprint: &Fingerprint, claim: &Claim, lease: Duration) {
         if let Claim::Acquired(l) = claim {
-            let expires_at = self.now().saturating_add(lease);
-            lock(&self.journal.entries).insert(
+            let now = self.now();
+            self.journal.entries.insert(
                 key.to_string(),
                 JournalEntry {
                     fingerprint: *fingerprint,
                     local: Some(l.token()),
                     primary: None,
                     state: EntryState::Pending,
-                    expires_at,
+                    expires_at: now.saturating_add(lease),
                     replayed: false,
                 },
+                |e| e.expires_at > now,
             );
         }
     }
 
     /// The journal entry a secondary lease belongs to, if any.
     fn local_entry(&self, lease: &Lease) -> Option<JournalEntry> {
-        lock(&self.journal.entries)
+        self.journal
+            .entries
+            .shard(lease.key())
+            .map
             .get(lease.key())
             .filter(|e| e.local == Some(lease.token()))
             .cloned()
@@ -291,8 +365,13 @@ impl<P: IdempotencyStore, S: IdempotencyStore> Fallback<P, S> {
         result: Option<Bytes>,
         retention: Duration,
     ) -> Result<()> {
-        let Some((fingerprint, _)) = lock(&self.journal.primary_leases)
-            .get(&lease.token())
+        let token = lease.token();
+        let Some((fingerprint, _)) = self
+            .journal
+            .primary_leases
+            .shard(&token)
+            .map
+            .get(&token)
             .copied()
         else {
             // Not a lease this fallback handed out: nothing to record it by.
@@ -313,18 +392,20 @@ impl<P: IdempotencyStore, S: IdempotencyStore> Fallback<P, S> {
                 return Err(Error::lease_lost(lease.key()))
             }
         }
-        lock(&self.journal.entries).insert(
+        let now = self.now();
+        self.journal.entries.insert(
             lease.key().to_string(),
             JournalEntry {
                 fingerprint,
                 local: None,
                 primary: Some(lease.clone()),
                 state: EntryState::Completed(result),
-                expires_at: self.now().saturating_add(retention),
+                expires_at: now.saturating_add(retention),
                 replayed: false,
             },
+            |e| e.expires_at > now,
         );
-        lock(&self.journal.primary_leases).remove(&lease.token());
+        self.journal.primary_leases.shard(&token).map.remove(&token);
         Ok(())
     }
 }
@@ -346,7 +427,7 @@ impl<P: IdempotencyStore, S: IdempotencyStore> IdempotencyStore for Fallback<P, 
                 Claim::Acquired(l) => {
                     // The local entry ran out: forget it and ask the primary.
                     let _ = self.secondary.release(l).await;
-                    lock(&self.journal.entries).remove(key);
+                    self.journal.entries.shard(key).map.remove(key);
                 }
                 _ => return Ok(c),
             }
@@ -360,20 +441,11 @@ impl<P: IdempotencyStore, S: IdempotencyStore> IdempotencyStore for Fallback<P, 
         if let Claim::Acquired(l) = &claimed {
             if !self.journal_live(key) {
                 let now = self.now();
-                let mut leases = lock(&self.journal.primary_leases);
-                let prune_at = self
-                    .journal
-                    .prune_at
-                    .load(std::sync::atomic::Ordering::Relaxed);
-                if leases.len() >= prune_at.max(MIN_PRUNE_AT) {
-                    // Amortized: the threshold doubles with what stays.
-                    leases.retain(|_, (_, exp)| *exp > now);
-                    self.journal.prune_at.store(
-                        (leases.len() * 2).max(MIN_PRUNE_AT),
-                        std::sync::atomic::Ordering::Relaxed,
-                    );
-                }
-                leases.insert(l.token(), (*fingerprint, now.saturating_add(lease)));
+                self.journal.primary_leases.insert(
+                    l.token(),
+                    (*fingerprint, now.saturating_add(lease)),
+                    |(_, exp)| *exp > now,
+                );
             }
         }
         Ok(claimed)
@@ -390,8 +462,9 @@ impl<P: IdempotencyStore, S: IdempotencyStore> IdempotencyStore for Fallback<P, 
                 .complete(lease, result.clone(), retention)
                 .await?;
             let forward = {
-                let mut entries = lock(&self.journal.entries);
+                let mut entries = self.journal.entries.shard(lease.key());
                 let e = entries
+                    .map
                     .get_mut(lease.key())
                     .ok_or_else(|| Error::lease_lost(lease.key()))?;
                 e.state = EntryState::Completed(result.clone());
@@ -408,7 +481,13 @@ impl<P: IdempotencyStore, S: IdempotencyStore> IdempotencyStore for Fallback<P, 
                     .await
                     .is_ok()
                 {
-                    if let Some(e) = lock(&self.journal.entries).get_mut(lease.key()) {
+                    if let Some(e) = self
+                        .journal
+                        .entries
+                        .shard(lease.key())
+                        .map
+                        .get_mut(lease.key())
+                    {
                         e.replayed = true;
                     }
                 }
@@ -422,7 +501,8 @@ impl<P: IdempotencyStore, S: IdempotencyStore> IdempotencyStore for Fallback<P, 
             )
             .await;
         if r.is_ok() {
-            lock(&self.journal.primary_leases).remove(&lease.token());
+            let token = lease.token();
+            self.journal.primary_leases.shard(&token).map.remove(&token);
         }
         r
     }
@@ -430,14 +510,23 @@ impl<P: IdempotencyStore, S: IdempotencyStore> IdempotencyStore for Fallback<P, 
     async fn release(&self, lease: &Lease) -> Result<()> {
         if let Some(entry) = self.local_entry(lease) {
             self.secondary.release(lease).await?;
-            lock(&self.journal.entries).remove(lease.key());
+            self.journal
+                .entries
+                .shard(lease.key())
+                .map
+                .remove(lease.key());
             if let Some(primary) = entry.primary {
                 let _ = self.primary.release(&primary).await;
             }
             return Ok(());
         }
-        let known = lock(&self.journal.primary_leases)
-            .remove(&lease.token())
+        let token = lease.token();
+        let known = self
+            .journal
+            .primary_leases
+            .shard(&token)
+            .map
+            .remove(&token)
             .is_some();
         self.call(self.primary.release(lease), async {
             if known {
@@ -453,7 +542,13 @@ impl<P: IdempotencyStore, S: IdempotencyStore> IdempotencyStore for Fallback<P, 
         crate::idempotency::check_lease_duration("by", by)?;
         if let Some(entry) = self.local_entry(lease) {
             self.secondary.extend(lease, by).await?;
-            if let Some(e) = lock(&self.journal.entries).get_mut(lease.key()) {
+            if let Some(e) = self
+                .journal
+                .entries
+                .shard(lease.key())
+                .map
+                .get_mut(lease.key())
+            {
                 e.expires_at = self.now().saturating_add(by);
             }
             if let Some(primary) = entry.primary {
@@ -461,7 +556,13 @@ impl<P: IdempotencyStore, S: IdempotencyStore> IdempotencyStore for Fallback<P, 
             }
             return Ok(());
         }
-        let known = lock(&self.journal.primary_leases).contains_key(&lease.token());
+        let token = lease.token();
+        let known = self
+            .journal
+            .primary_leases
+            .shard(&token)
+            .map
+            .contains_key(&token);
         self.call(self.primary.extend(lease, by), async {
             if known {
                 Ok(())
