@@ -672,10 +672,12 @@ const SENTINEL_POLL: Duration = Duration::from_millis(50);
 /// writes of that window were gone afterwards.
 ///
 /// This task asks the sentinels (`SENTINEL MASTER`) every
-/// [`SENTINEL_POLL`]. While a failover is in progress it holds every call
-/// (they answer unavailable, `MasterDown`: a fallback takes them) and drops
-/// the pooled connections; when the master's address changes it drops them
-/// again, so the next call connects to the new master. The sentinels'
+/// [`SENTINEL_POLL`]. From the start of a failover until the sentinels name
+/// the new master it holds every call (they answer unavailable,
+/// `MasterDown`: a fallback takes them) and drops the pooled connections;
+/// when the master's address changes it drops them again, so the next call
+/// connects to the new master (while the sentinels still reconfigure the
+/// replicas). The sentinels'
 /// state machine ticks every 100 ms and promotes the replica a few ticks
 /// after the failover starts, so polling at 50 ms sees the failover before
 /// the promotion. It stops when the client is dropped.
@@ -690,6 +692,8 @@ async fn watch_sentinels(
         .set_connection_timeout(Some(timeout))
         .set_response_timeout(Some(timeout));
     let mut known: Option<(String, String)> = None;
+    // The master's address when the current failover was first seen.
+    let mut failover_from: Option<(String, String)> = None;
     loop {
         tokio::time::sleep(SENTINEL_POLL).await;
         let Some(inner) = inner.upgrade() else { return };
@@ -722,9 +726,21 @@ async fn watch_sentinels(
             fields.get("ip").cloned().unwrap_or_default(),
             fields.get("port").cloned().unwrap_or_default(),
         );
-        let was_in_failover = inner.failover.swap(in_failover, Ordering::AcqRel);
+        // Hold calls from the start of a failover until the sentinels name
+        // another master: the sentinels keep the failover flag while they
+        // reconfigure the replicas (seconds), but writes to the new master
+        // are safe as soon as it is named.
+        let holding = if in_failover {
+            let from =
+                failover_from.get_or_insert_with(|| known.clone().unwrap_or_else(|| addr.clone()));
+            *from == addr
+        } else {
+            failover_from = None;
+            false
+        };
+        let was_holding = inner.failover.swap(holding, Ordering::AcqRel);
         let moved = known.as_ref().is_some_and(|k| *k != addr);
-        if (in_failover && !was_in_failover) || moved {
+        if (holding && !was_holding) || moved {
             inner.drop_shared(None);
             let dropped = inner.pool.retain(|_, _| false).removed.len();
             tracing::warn!(
