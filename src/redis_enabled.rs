@@ -57,7 +57,6 @@ pub(crate) struct RedisParts {
     pub(crate) breaker: Arc<Breaker>,
     deadline: Duration,
     store: Option<Arc<FallbackStore>>,
-    limiter: Option<Arc<FallbackLimiter>>,
     spool: Option<Arc<FallbackSpool>>,
 }
 
@@ -82,7 +81,6 @@ impl RedisParts {
             breaker,
             deadline: config.fallback.deadline,
             store: None,
-            limiter: None,
             spool: None,
         })
     }
@@ -104,11 +102,11 @@ impl RedisParts {
     /// Fallback(redis, local) for the rate limiter, with the configured
     /// policy while Redis is down.
     pub(crate) fn limiter(
-        &mut self,
+        &self,
         local: LocalRateLimiter,
         policy: RateLimitPolicy,
     ) -> Arc<FallbackLimiter> {
-        let f = Arc::new(
+        Arc::new(
             Fallback::new(
                 RedisRateLimiter::new(self.client.clone()),
                 local,
@@ -116,9 +114,7 @@ impl RedisParts {
             )
             .with_deadline(self.deadline)
             .with_rate_limit_policy(policy),
-        );
-        self.limiter = Some(Arc::clone(&f));
-        f
+        )
     }
 
     /// Fallback(redis, `local`) for the spool; the Redis spool opens lazily
@@ -188,12 +184,6 @@ impl RedisParts {
     /// One failback pass now (see [`failback_loop`]).
     pub(crate) async fn failback_now(&self, status: &StatusHub) -> Result<FailbackReport> {
         failback_pass(self.store.as_deref(), self.spool.as_deref(), status).await
-    }
-
-    /// The rate limiter fallback, if the limiter is on Redis.
-    #[allow(dead_code)]
-    pub(crate) fn fallback_limiter(&self) -> Option<&Arc<FallbackLimiter>> {
-        self.limiter.as_ref()
     }
 }
 

@@ -267,7 +267,8 @@ impl<P: IdempotencyStore, S: IdempotencyStore> Fallback<P, S> {
                 }
             }
         }
-        crate::metrics::reconcile(report.replayed, report.conflicts, self.pending_reconcile());
+        // Every live entry not replayed was tried: what is left is `pending`.
+        crate::metrics::reconcile(report.replayed, report.conflicts, report.pending);
         if report.replayed + report.conflicts > 0 {
             info!(
                 replayed = report.replayed,

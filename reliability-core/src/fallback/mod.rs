@@ -181,8 +181,23 @@ impl<P, S> Fallback<P, S> {
         FP: Future<Output = Result<T>>,
         FS: Future<Output = Result<T>>,
     {
+        self.call_with(|| primary, || secondary).await
+    }
+
+    /// [`call`](Self::call) with the futures built only when needed: while
+    /// the breaker is open, the primary's future (an allocation for an
+    /// `async_trait` backend) is never made.
+    pub(crate) async fn call_with<T, FP, FS>(
+        &self,
+        primary: impl FnOnce() -> FP,
+        secondary: impl FnOnce() -> FS,
+    ) -> Result<T>
+    where
+        FP: Future<Output = Result<T>>,
+        FS: Future<Output = Result<T>>,
+    {
         let reason = if self.breaker.routes_to_primary() {
-            match tokio::time::timeout(self.deadline, primary).await {
+            match tokio::time::timeout(self.deadline, primary()).await {
                 Ok(Ok(v)) => {
                     self.breaker.record_success();
                     metrics::call("primary", "ok");
@@ -211,31 +226,17 @@ impl<P, S> Fallback<P, S> {
         } else {
             "open"
         };
+        self.answer_locally(reason, secondary()).await
+    }
+
+    /// The secondary's answer, counted as a fallback for `reason`.
+    pub(crate) async fn answer_locally<T>(
+        &self,
+        reason: &'static str,
+        secondary: impl Future<Output = Result<T>>,
+    ) -> Result<T> {
         metrics::fallback(reason);
         let answer = secondary.await;
-        metrics::call("secondary", metrics::outcome(&answer));
-        answer
-    }
-}
-
-impl<P, S> Fallback<P, S> {
-    /// [`call`](Self::call) with the futures built only when needed: while
-    /// the breaker is open, the primary's future (an allocation for an
-    /// `async_trait` backend) is never made.
-    pub(crate) async fn call_with<T, FP, FS>(
-        &self,
-        primary: impl FnOnce() -> FP,
-        secondary: impl FnOnce() -> FS,
-    ) -> Result<T>
-    where
-        FP: Future<Output = Result<T>>,
-        FS: Future<Output = Result<T>>,
-    {
-        if self.breaker.routes_to_primary() {
-            return self.call(primary(), secondary()).await;
-        }
-        metrics::fallback("open");
-        let answer = secondary().await;
         metrics::call("secondary", metrics::outcome(&answer));
         answer
     }

@@ -198,10 +198,9 @@ impl<P: Spool, S: Spool> Spool for Fallback<P, S> {
     async fn enqueue(&self, batch: Vec<NewRecord>) -> Result<Enqueued> {
         if !self.breaker.routes_to_primary() {
             // Open: no copy of the batch, no primary future.
-            crate::metrics::fallback("open");
-            let answer = self.secondary.enqueue(batch).await;
-            crate::metrics::call("secondary", crate::metrics::outcome(&answer));
-            return answer;
+            return self
+                .answer_locally("open", self.secondary.enqueue(batch))
+                .await;
         }
         self.call(
             self.primary.enqueue(batch.clone()),
