@@ -34,7 +34,6 @@
 #![allow(clippy::print_stdout)]
 
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -46,6 +45,8 @@ use reliability::status::BreakerState;
 use reliability::{
     system_clock, Claim, Fingerprint, IdempotencyStore, KeySpace, Quota, RateLimiter,
 };
+
+mod common;
 
 const TASKS: usize = 64;
 /// Local stores hold every key the bench claims: no eviction on either side.
@@ -157,34 +158,6 @@ fn clock_pair() -> Latencies {
         v.push(u64::try_from(dt.as_nanos()).unwrap_or(u64::MAX));
     }
     Latencies::new(v)
-}
-
-/// Runs `op(task, i)` in `TASKS` tasks for `step()`: (operations, seconds).
-async fn throughput<F, Fut>(op: F) -> (u64, f64)
-where
-    F: Fn(usize, u64) -> Fut + Send + Sync + 'static,
-    Fut: Future<Output = ()> + Send,
-{
-    let op = Arc::new(op);
-    let done = Arc::new(AtomicU64::new(0));
-    let start = Instant::now();
-    let end = start + step();
-    let mut tasks = Vec::new();
-    for t in 0..TASKS {
-        let (op, done) = (op.clone(), done.clone());
-        tasks.push(tokio::spawn(async move {
-            let mut i = 0u64;
-            while Instant::now() < end {
-                op(t, i).await;
-                i += 1;
-                done.fetch_add(1, Ordering::Relaxed);
-            }
-        }));
-    }
-    for t in tasks {
-        t.await.expect("bench task");
-    }
-    (done.load(Ordering::Relaxed), start.elapsed().as_secs_f64())
 }
 
 // ---------------------------------------------------------------------------
@@ -395,7 +368,7 @@ async fn open_section(case: &str, s: &OpenSide<'_>, report: &mut Report) {
 /// One Closed round of claims of new keys (`salt` keeps rounds apart).
 async fn claims_round<S: IdempotencyStore>(store: Arc<S>, salt: u64) -> (u64, f64) {
     let fp = Fingerprint::of(b"payload");
-    throughput(move |t, i| {
+    common::closed_loop(TASKS, step(), move |t, i| {
         let s = store.clone();
         async move {
             let c = s.claim(&format!("c{salt}-{t}-{i}"), &fp, LEASE).await;
@@ -408,7 +381,7 @@ async fn claims_round<S: IdempotencyStore>(store: Arc<S>, salt: u64) -> (u64, f6
 /// One Closed round of checks on `LIMIT_KEYS` keys.
 async fn checks_round<L: RateLimiter>(limiter: Arc<L>) -> (u64, f64) {
     let q = quota();
-    throughput(move |t, i| {
+    common::closed_loop(TASKS, step(), move |t, i| {
         let l = limiter.clone();
         async move {
             let key = format!("tenant-{}", (t as u64 * 7919 + i) % LIMIT_KEYS);

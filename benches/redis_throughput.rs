@@ -20,9 +20,8 @@
 #![allow(clippy::print_stdout)]
 
 use std::process::Command;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use reliability::redis::harness::RedisServer;
 use reliability::redis::{RedisClient, RedisIdempotencyStore, RedisRateLimiter, RedisSpool};
@@ -30,6 +29,8 @@ use reliability::{
     Claim, Fingerprint, IdempotencyStore, KeySpace, NewRecord, Quota, RateLimiter, RecordId, Spool,
     SpoolLimits,
 };
+
+mod common;
 
 const TASKS: usize = 64;
 
@@ -42,35 +43,17 @@ fn step() -> Duration {
     )
 }
 
+/// `redis-benchmark` requests/s for one command, from its CSV output.
 /// Runs `op(task, i)` in `TASKS` tasks for `step()`; operations per second.
-async fn throughput<F, Fut>(op: F) -> f64
+async fn per_second<F, Fut>(op: F) -> f64
 where
     F: Fn(usize, u64) -> Fut + Send + Sync + 'static,
     Fut: std::future::Future<Output = ()> + Send,
 {
-    let op = Arc::new(op);
-    let done = Arc::new(AtomicU64::new(0));
-    let end = Instant::now() + step();
-    let start = Instant::now();
-    let mut tasks = Vec::new();
-    for t in 0..TASKS {
-        let (op, done) = (op.clone(), done.clone());
-        tasks.push(tokio::spawn(async move {
-            let mut i = 0u64;
-            while Instant::now() < end {
-                op(t, i).await;
-                i += 1;
-                done.fetch_add(1, Ordering::Relaxed);
-            }
-        }));
-    }
-    for t in tasks {
-        t.await.expect("bench task");
-    }
-    done.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64()
+    let (ops, secs) = common::closed_loop(TASKS, step(), op).await;
+    ops as f64 / secs
 }
 
-/// `redis-benchmark` requests/s for one command, from its CSV output.
 fn redis_benchmark(port: u16, requests: u64, args: &[&str]) -> f64 {
     let out = Command::new("redis-benchmark")
         .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-c", "64"])
@@ -112,7 +95,7 @@ fn claims_on(
 
 async fn claims(store: Arc<RedisIdempotencyStore>, tag: &'static str) -> f64 {
     let fp = Fingerprint::of(b"payload");
-    throughput(move |t, i| {
+    per_second(move |t, i| {
         let store = store.clone();
         async move {
             let c = store
@@ -145,7 +128,7 @@ async fn run() {
     let quota = Quota::from_micros(1, 1_000_000).expect("quota");
     let checks = {
         let limiter = limiter.clone();
-        throughput(move |t, i| {
+        per_second(move |t, i| {
             let limiter = limiter.clone();
             async move {
                 let key = format!("tenant-{}", (t as u64 * 7919 + i) % 1000);
@@ -181,7 +164,7 @@ async fn run() {
     );
     let records = {
         let spool = spool.clone();
-        throughput(move |t, i| {
+        per_second(move |t, i| {
             let spool = spool.clone();
             async move {
                 let id = RecordId::new(format!("r-{t}-{i}")).expect("id");
