@@ -10,6 +10,11 @@
 //!   loop, when the records reach the end), `fdatasync`, repeat. The
 //!   baseline of the 1-producer target: the same file treatment as the
 //!   spool, so the ratio is the spool's own cost;
+//! - raw, on a writer thread: the preallocated raw loop run by a plain
+//!   thread for a task on the tokio runtime (a std channel in, a tokio
+//!   oneshot back): the least any async API that keeps `fdatasync` off the
+//!   runtime's threads adds to a raw sync (two thread wake-ups). Shown for
+//!   reference: it is the floor of the 1-producer ratio on this machine;
 //! - raw, growing: append a 256-byte record to a file, `fdatasync`, repeat
 //!   (every sync also commits the file's new size); shown for reference;
 //! - `DiskSpool`, `FsyncMode::Always`, 1 producer: `enqueue` one 256-byte
@@ -20,8 +25,9 @@
 //!   (it syncs on every add: equal durability), repeat.
 //!
 //! Then the targets of issue 4: 1 producer >= 0.8x the raw fsync rate
-//! (preallocated; also shown against the growing file); 64 producers >=
-//! 100,000 records/s and >= 20x queue-file. Exits 1 if one is missed.
+//! (preallocated; also shown against the growing file and against the raw
+//! loop on a thread, the async floor); 64 producers >= 100,000 records/s
+//! and >= 20x queue-file. Exits 1 if one is missed.
 //!
 //! The measurements take turns (`BENCH_ROUNDS`, default 6, turns of
 //! `BENCH_SECS / BENCH_ROUNDS`), so a neighbour loading the disk or the CPU
@@ -29,7 +35,7 @@
 //! in the list, so none always follows the same one). `BENCH_SECS`
 //! (default 3) sets each measurement's total length; `BENCH_DIR` the
 //! directory to measure in (default: the system temp dir). `BENCH_ONLY`
-//! picks measurements by key (default `raw,rawgrow,1,64,qf`); `1grow` and
+//! picks measurements by key (default `raw,rawthread,rawgrow,1,64,qf`); `1grow` and
 //! `64grow` run the spool with preallocation off (`preallocate_bytes(0)`),
 //! for A/B comparisons.
 #![allow(clippy::print_stdout, reason = "a bench prints its table")]
@@ -102,6 +108,50 @@ fn raw_fsync(dir: &Path, secs: Duration, preallocate: bool) -> Measured {
         f.sync_data().expect("fdatasync");
         lat.push(t.elapsed().as_micros() as u64);
     }
+    let elapsed = start.elapsed();
+    lat.sort_unstable();
+    Measured {
+        records: lat.len() as u64,
+        elapsed,
+        latencies: lat,
+    }
+}
+
+async fn raw_thread(dir: &Path, secs: Duration) -> Measured {
+    const AHEAD: u64 = 1024 * 1024;
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .open(dir.join("raw.log"))
+        .expect("open raw.log");
+    let (tx, rx) = std::sync::mpsc::channel::<tokio::sync::oneshot::Sender<()>>();
+    let h = std::thread::spawn(move || {
+        let rec = [0x5au8; RECORD];
+        let zeros = vec![0u8; AHEAD as usize];
+        let (mut off, mut allocated) = (0u64, 0u64);
+        while let Ok(r) = rx.recv() {
+            if off + RECORD as u64 > allocated {
+                f.write_all_at(&zeros, allocated).expect("preallocate");
+                allocated += AHEAD;
+            }
+            f.write_all_at(&rec, off).expect("write");
+            off += RECORD as u64;
+            f.sync_data().expect("fdatasync");
+            let _ = r.send(());
+        }
+    });
+    let mut lat = Vec::new();
+    let start = Instant::now();
+    while start.elapsed() < secs {
+        let t = Instant::now();
+        let (otx, orx) = tokio::sync::oneshot::channel();
+        tx.send(otx).expect("send");
+        orx.await.expect("reply");
+        lat.push(t.elapsed().as_micros() as u64);
+    }
+    drop(tx);
+    h.join().expect("join");
     let elapsed = start.elapsed();
     lat.sort_unstable();
     Measured {
@@ -208,7 +258,8 @@ fn main() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(6)
         .max(1);
-    let only = std::env::var("BENCH_ONLY").unwrap_or_else(|_| "raw,rawgrow,1,64,qf".into());
+    let only =
+        std::env::var("BENCH_ONLY").unwrap_or_else(|_| "raw,rawthread,rawgrow,1,64,qf".into());
     let runs = |key: &str| only.split(',').any(|o| o.trim() == key);
     let root = match std::env::var_os("BENCH_DIR") {
         Some(d) => tempfile::tempdir_in(d),
@@ -235,8 +286,9 @@ fn main() {
     // The measurements take turns, `rounds` times, so a disk or CPU busy
     // with something else for a while weighs on all of them alike.
     let slice = secs / rounds;
-    let rows: [(&str, &str); 7] = [
+    let rows: [(&str, &str); 8] = [
         ("raw", "raw write(256 B) + fdatasync, preallocated"),
+        ("rawthread", "raw, preallocated, on a thread, tokio caller"),
         ("rawgrow", "raw write(256 B) + fdatasync, growing file"),
         ("1", "DiskSpool Always, 1 producer"),
         ("1grow", "DiskSpool Always, 1 producer, no prealloc"),
@@ -264,6 +316,7 @@ fn main() {
             let dir = sub(&format!("{key}-{r}"));
             let m = match key {
                 "raw" => raw_fsync(&dir, slice, true),
+                "rawthread" => rt.block_on(raw_thread(&dir, slice)),
                 "rawgrow" => raw_fsync(&dir, slice, false),
                 "1" => rt.block_on(disk_spool(dir, 1, true, slice)),
                 "1grow" => rt.block_on(disk_spool(dir, 1, false, slice)),
@@ -322,6 +375,18 @@ fn main() {
         (
             "1 producer / raw fsync rate (growing file)",
             rate("1") / rate("rawgrow"),
+            None,
+            "x",
+        ),
+        (
+            "raw on a thread for a task / raw (async floor)",
+            rate("rawthread") / rate("raw"),
+            None,
+            "x",
+        ),
+        (
+            "1 producer / raw on a thread for a task",
+            rate("1") / rate("rawthread"),
             None,
             "x",
         ),
