@@ -84,30 +84,52 @@ impl Measured {
     }
 }
 
-fn raw_fsync(dir: &Path, secs: Duration, preallocate: bool) -> Measured {
+/// The raw baseline: 256-byte records written one by one, each followed by
+/// `fdatasync`; preallocated with written zeros 1 MiB ahead, or growing.
+struct RawLog {
+    file: std::fs::File,
+    preallocate: bool,
+    off: u64,
+    allocated: u64,
+    zeros: Vec<u8>,
+}
+
+impl RawLog {
     const AHEAD: u64 = 1024 * 1024;
-    let f = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(true)
-        .write(true)
-        .open(dir.join("raw.log"))
-        .expect("open raw.log");
-    let rec = [0x5au8; RECORD];
-    let zeros = vec![0u8; AHEAD as usize];
-    let (mut off, mut allocated) = (0u64, 0u64);
-    let mut lat = Vec::new();
-    let start = Instant::now();
-    while start.elapsed() < secs {
-        let t = Instant::now();
-        if preallocate && off + RECORD as u64 > allocated {
-            f.write_all_at(&zeros, allocated).expect("preallocate");
-            allocated += AHEAD;
+
+    fn create(dir: &Path, preallocate: bool) -> Self {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .write(true)
+            .open(dir.join("raw.log"))
+            .expect("open raw.log");
+        Self {
+            file,
+            preallocate,
+            off: 0,
+            allocated: 0,
+            zeros: vec![0u8; Self::AHEAD as usize],
         }
-        f.write_all_at(&rec, off).expect("write");
-        off += RECORD as u64;
-        f.sync_data().expect("fdatasync");
-        lat.push(t.elapsed().as_micros() as u64);
     }
+
+    /// Writes one record and syncs it.
+    fn append(&mut self) {
+        if self.preallocate && self.off + RECORD as u64 > self.allocated {
+            self.file
+                .write_all_at(&self.zeros, self.allocated)
+                .expect("preallocate");
+            self.allocated += Self::AHEAD;
+        }
+        self.file
+            .write_all_at(&[0x5au8; RECORD], self.off)
+            .expect("write");
+        self.off += RECORD as u64;
+        self.file.sync_data().expect("fdatasync");
+    }
+}
+
+fn measured(start: Instant, mut lat: Vec<u64>) -> Measured {
     let elapsed = start.elapsed();
     lat.sort_unstable();
     Measured {
@@ -117,27 +139,25 @@ fn raw_fsync(dir: &Path, secs: Duration, preallocate: bool) -> Measured {
     }
 }
 
+fn raw_fsync(dir: &Path, secs: Duration, preallocate: bool) -> Measured {
+    let mut log = RawLog::create(dir, preallocate);
+    let mut lat = Vec::new();
+    let start = Instant::now();
+    while start.elapsed() < secs {
+        let t = Instant::now();
+        log.append();
+        lat.push(t.elapsed().as_micros() as u64);
+    }
+    measured(start, lat)
+}
+
+/// The raw loop on a thread of its own, for a task on the runtime.
 async fn raw_thread(dir: &Path, secs: Duration) -> Measured {
-    const AHEAD: u64 = 1024 * 1024;
-    let f = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(true)
-        .write(true)
-        .open(dir.join("raw.log"))
-        .expect("open raw.log");
+    let mut log = RawLog::create(dir, true);
     let (tx, rx) = std::sync::mpsc::channel::<tokio::sync::oneshot::Sender<()>>();
     let h = std::thread::spawn(move || {
-        let rec = [0x5au8; RECORD];
-        let zeros = vec![0u8; AHEAD as usize];
-        let (mut off, mut allocated) = (0u64, 0u64);
         while let Ok(r) = rx.recv() {
-            if off + RECORD as u64 > allocated {
-                f.write_all_at(&zeros, allocated).expect("preallocate");
-                allocated += AHEAD;
-            }
-            f.write_all_at(&rec, off).expect("write");
-            off += RECORD as u64;
-            f.sync_data().expect("fdatasync");
+            log.append();
             let _ = r.send(());
         }
     });
@@ -152,13 +172,7 @@ async fn raw_thread(dir: &Path, secs: Duration) -> Measured {
     }
     drop(tx);
     h.join().expect("join");
-    let elapsed = start.elapsed();
-    lat.sort_unstable();
-    Measured {
-        records: lat.len() as u64,
-        elapsed,
-        latencies: lat,
-    }
+    measured(start, lat)
 }
 
 fn queue_file(dir: &Path, secs: Duration) -> Measured {
@@ -172,13 +186,7 @@ fn queue_file(dir: &Path, secs: Duration) -> Measured {
         q.add(&rec).expect("queue-file add");
         lat.push(t.elapsed().as_micros() as u64);
     }
-    let elapsed = start.elapsed();
-    lat.sort_unstable();
-    Measured {
-        records: lat.len() as u64,
-        elapsed,
-        latencies: lat,
-    }
+    measured(start, lat)
 }
 
 async fn disk_spool(dir: PathBuf, producers: usize, prealloc: bool, secs: Duration) -> Measured {
