@@ -161,16 +161,21 @@ async fn raw_thread(dir: &Path, secs: Duration) -> Measured {
             let _ = r.send(());
         }
     });
-    let mut lat = Vec::new();
-    let start = Instant::now();
-    while start.elapsed() < secs {
-        let t = Instant::now();
-        let (otx, orx) = tokio::sync::oneshot::channel();
-        tx.send(otx).expect("send");
-        orx.await.expect("reply");
-        lat.push(t.elapsed().as_micros() as u64);
-    }
-    drop(tx);
+    // A spawned task, as the spool's producers are.
+    let (start, lat) = tokio::spawn(async move {
+        let mut lat = Vec::new();
+        let start = Instant::now();
+        while start.elapsed() < secs {
+            let t = Instant::now();
+            let (otx, orx) = tokio::sync::oneshot::channel();
+            tx.send(otx).expect("send");
+            orx.await.expect("reply");
+            lat.push(t.elapsed().as_micros() as u64);
+        }
+        (start, lat)
+    })
+    .await
+    .expect("caller");
     h.join().expect("join");
     measured(start, lat)
 }
