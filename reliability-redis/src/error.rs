@@ -84,6 +84,16 @@ pub(crate) fn map(err: &RedisError, context: &str) -> (Error, Disposition) {
             Disposition::Reconnect,
         );
     }
+    // The cluster client keeps only the text of its nodes' errors (an
+    // initial connection refused for a bad password comes back as an I/O
+    // error): wrong credentials are a deployment error, not an outage.
+    if err.kind() != ErrorKind::AuthenticationFailed
+        && (message.contains("AuthenticationFailed")
+            || message.contains("WRONGPASS")
+            || message.contains("NOAUTH"))
+    {
+        return (auth_failed(&message), Disposition::Reconnect);
+    }
     match err.kind() {
         ErrorKind::AuthenticationFailed => (auth_failed(&message), Disposition::Reconnect),
         ErrorKind::Server(ServerErrorKind::ReadOnly) => {
@@ -200,7 +210,9 @@ fn auth_failed(message: &str) -> Error {
     Error::Backend {
         backend: BACKEND,
         message: format!(
-            "authentication failed (check reliability.redis.username / password): {message}"
+            "authentication failed (check reliability.redis.username / password, and the \
+             credentials in the URLs: behind Sentinel, those of reliability.redis.sentinel.urls \
+             are the sentinels' own): {message}"
         ),
         source: None,
     }

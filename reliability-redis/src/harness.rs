@@ -55,8 +55,15 @@ const MISSING: &str = "redis-server not found: run scripts/test.sh, which instal
 #[derive(Debug, Clone, Default)]
 #[non_exhaustive]
 pub struct ServerOptions {
-    /// `requirepass`: clients must `AUTH` with it.
+    /// `requirepass`: clients must `AUTH` with it. With
+    /// [`username`](Self::username), that ACL user's password instead.
     pub password: Option<String>,
+    /// An ACL user: with [`password`](Self::password) set, the server gets
+    /// this user (every key, channel and command allowed) and the `default`
+    /// user is turned off, so only `AUTH <user> <password>` gets in.
+    /// Replicas authenticate as it; behind Sentinel the sentinels monitor
+    /// with it (`sentinel auth-user`/`auth-pass`).
+    pub username: Option<String>,
     /// Serve TLS with these PEM files (on the TLS port; the plain port
     /// stays open for the harness's own checks).
     pub tls: Option<TlsFiles>,
@@ -77,6 +84,14 @@ impl ServerOptions {
     #[must_use]
     pub fn password(mut self, p: impl Into<String>) -> Self {
         self.password = Some(p.into());
+        self
+    }
+
+    /// Sets [`username`](Self::username) and [`password`](Self::password).
+    #[must_use]
+    pub fn acl_user(mut self, user: impl Into<String>, password: impl Into<String>) -> Self {
+        self.username = Some(user.into());
+        self.password = Some(password.into());
         self
     }
 
@@ -264,6 +279,12 @@ exit 0"#;
             "protected-mode yes".to_string(),
         ];
         if let Role::Sentinel { text } = &self.role {
+            if let Some(p) = &self.opts.password {
+                // The sentinels' own password, which they also use with
+                // each other.
+                lines.push(format!("requirepass {p}"));
+                lines.push(format!("sentinel sentinel-pass {p}"));
+            }
             if let (Some(t), Some(tls_port)) = (&self.opts.tls, self.tls_port) {
                 lines.push(format!("tls-port {tls_port}"));
                 lines.push(format!("tls-cert-file {}", t.cert.display()));
@@ -278,9 +299,18 @@ exit 0"#;
                 lines.push("save \"\"".to_string());
                 lines.push("appendonly no".to_string());
             }
-            if let Some(p) = &self.opts.password {
-                lines.push(format!("requirepass {p}"));
-                lines.push(format!("masterauth {p}"));
+            match (&self.opts.username, &self.opts.password) {
+                (Some(u), Some(p)) => {
+                    lines.push("user default off".to_string());
+                    lines.push(format!("user {u} on >{p} ~* &* +@all"));
+                    lines.push(format!("masteruser {u}"));
+                    lines.push(format!("masterauth {p}"));
+                }
+                (None, Some(p)) => {
+                    lines.push(format!("requirepass {p}"));
+                    lines.push(format!("masterauth {p}"));
+                }
+                _ => {}
             }
             if let (Some(t), Some(tls_port)) = (&self.opts.tls, self.tls_port) {
                 lines.push(format!("tls-port {tls_port}"));
@@ -336,6 +366,7 @@ exit 0"#;
     /// A standalone [`RedisConfig`] for this server, with its password.
     pub fn config(&self) -> RedisConfig {
         let mut cfg = RedisConfig::standalone(RedisUrl::new(self.url()).expect("valid url"));
+        cfg.username.clone_from(&self.opts.username);
         cfg.password = self.opts.password.clone().map(Secret::new);
         cfg
     }
@@ -405,11 +436,12 @@ exit 0"#;
     /// # Errors
     /// An I/O error when the server cannot be reached or answers garbage.
     pub fn try_cmd(&self, args: &[&str]) -> std::io::Result<Resp> {
-        let pass = match self.role {
-            Role::Sentinel { .. } => None,
-            _ => self.opts.password.as_deref(),
-        };
-        resp_cmd(self.port, pass, args)
+        resp_cmd(
+            self.port,
+            self.opts.username.as_deref(),
+            self.opts.password.as_deref(),
+            args,
+        )
     }
 
     /// The `INFO <section>` field `name`.
@@ -522,14 +554,22 @@ impl Resp {
     }
 }
 
-fn resp_cmd(port: u16, password: Option<&str>, args: &[&str]) -> std::io::Result<Resp> {
+fn resp_cmd(
+    port: u16,
+    user: Option<&str>,
+    password: Option<&str>,
+    args: &[&str],
+) -> std::io::Result<Resp> {
     let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(1))?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
     s.set_write_timeout(Some(Duration::from_secs(5)))?;
     let mut r = BufReader::new(s.try_clone()?);
     if let Some(p) = password {
-        s.write_all(&encode(&["AUTH", p]))?;
+        s.write_all(&encode(&match user {
+            Some(u) => vec!["AUTH", u, p],
+            None => vec!["AUTH", p],
+        }))?;
         let reply = read_resp(&mut r)?;
         if !reply.is_ok() {
             return Ok(reply);
@@ -537,6 +577,14 @@ fn resp_cmd(port: u16, password: Option<&str>, args: &[&str]) -> std::io::Result
     }
     s.write_all(&encode(args))?;
     read_resp(&mut r)
+}
+
+/// `url` with `password` added as its password (no user), if any.
+fn with_password(url: &str, password: Option<&str>) -> String {
+    match password {
+        Some(p) => url.replacen("://", &format!("://:{p}@"), 1),
+        None => url.to_string(),
+    }
 }
 
 fn encode(args: &[&str]) -> Vec<u8> {
@@ -664,20 +712,28 @@ impl SentinelSet {
             });
         }
         let quorum = sentinels / 2 + 1;
-        let text = format!(
+        let mut text = format!(
             "sentinel monitor {MASTER_NAME} 127.0.0.1 {} {quorum}\n\
              sentinel down-after-milliseconds {MASTER_NAME} {down_after_ms}\n\
              sentinel failover-timeout {MASTER_NAME} 10000\n\
              sentinel parallel-syncs {MASTER_NAME} 1",
             nodes[0].tls_port.unwrap_or(nodes[0].port)
         );
+        if let Some(u) = &opts.username {
+            text.push_str(&format!("\nsentinel auth-user {MASTER_NAME} {u}"));
+        }
+        if let Some(p) = &opts.password {
+            text.push_str(&format!("\nsentinel auth-pass {MASTER_NAME} {p}"));
+        }
         let mut set = SentinelSet {
             nodes,
             sentinels: Vec::new(),
         };
-        // The sentinels take the TLS files only (and TLS for their own
-        // connections); the data nodes' other options are not theirs.
+        // The sentinels take the TLS files (and TLS for their own
+        // connections) and the password (they require it too); the data
+        // nodes' other options are not theirs.
         let mut sentinel_opts = ServerOptions::new();
+        sentinel_opts.password.clone_from(&opts.password);
         if let Some(files) = &opts.tls {
             sentinel_opts = sentinel_opts
                 .tls(files.clone())
@@ -712,15 +768,22 @@ impl SentinelSet {
             .collect()
     }
 
-    /// A Sentinel [`RedisConfig`] for this set.
+    /// A Sentinel [`RedisConfig`] for this set, with its credentials: the
+    /// sentinels' password in their URLs, the data nodes' user and
+    /// password in the config's fields.
     pub fn config(&self) -> RedisConfig {
-        RedisConfig::sentinel(
+        let opts = &self.nodes[0].opts;
+        let pass = opts.password.as_deref();
+        let mut cfg = RedisConfig::sentinel(
             MASTER_NAME,
             self.sentinel_urls()
                 .into_iter()
-                .map(|u| RedisUrl::new(u).expect("valid url"))
+                .map(|u| RedisUrl::new(with_password(&u, pass)).expect("valid url"))
                 .collect(),
-        )
+        );
+        cfg.username.clone_from(&opts.username);
+        cfg.password = opts.password.clone().map(Secret::new);
+        cfg
     }
 
     /// The master's port as the first answering sentinel reports it.
@@ -815,6 +878,12 @@ impl RedisCluster {
             .map(|_| RedisServer::spawn(opts.clone(), Role::ClusterNode))
             .collect();
         let mut cmd = Command::new("redis-cli");
+        if let Some(u) = &opts.username {
+            cmd.arg("--user").arg(u);
+        }
+        if let Some(p) = &opts.password {
+            cmd.arg("--pass").arg(p).arg("--no-auth-warning");
+        }
         cmd.arg("--cluster").arg("create");
         for n in &nodes {
             cmd.arg(format!("127.0.0.1:{}", n.port));
@@ -859,14 +928,19 @@ impl RedisCluster {
         self.nodes.iter().filter_map(RedisServer::tls_url).collect()
     }
 
-    /// A Cluster [`RedisConfig`] seeded with every node.
+    /// A Cluster [`RedisConfig`] seeded with every node, with the nodes'
+    /// user and password.
     pub fn config(&self) -> RedisConfig {
-        RedisConfig::cluster(
+        let mut cfg = RedisConfig::cluster(
             self.urls()
                 .into_iter()
                 .map(|u| RedisUrl::new(u).expect("valid url"))
                 .collect(),
-        )
+        );
+        let opts = &self.nodes[0].opts;
+        cfg.username.clone_from(&opts.username);
+        cfg.password = opts.password.clone().map(Secret::new);
+        cfg
     }
 
     /// The nodes.

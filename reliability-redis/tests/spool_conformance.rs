@@ -5,7 +5,8 @@
 //! is configured, `WAIT` reports replication, and two pools (two service
 //! replicas) share one spool.
 //!
-//! Each topology is started once per test binary (the harness kills it when
+//! The Sentinel set and the Cluster admit only an ACL user. Each topology
+//! is started once per test binary (the harness kills it when
 //! the binary exits); every case runs in its own namespace.
 #![cfg(feature = "test-harness")]
 
@@ -26,8 +27,21 @@ use reliability_redis::{RedisClient, RedisSpool};
 const PREFIX: &str = "spooltest";
 
 static STANDALONE: LazyLock<RedisServer> = LazyLock::new(RedisServer::start);
-static SENTINEL: LazyLock<SentinelSet> = LazyLock::new(|| SentinelSet::start(1, 1, 5_000));
-static CLUSTER: LazyLock<RedisCluster> = LazyLock::new(|| RedisCluster::start(3));
+/// Behind an ACL user (the sentinel requires the password too): every
+/// connection the spool makes, pooled ones for `WAIT` included, must
+/// authenticate.
+static SENTINEL: LazyLock<SentinelSet> = LazyLock::new(|| {
+    SentinelSet::start_with(
+        1,
+        1,
+        5_000,
+        ServerOptions::new().acl_user("spool", "sentinel-pw-2"),
+    )
+});
+/// Behind an ACL user.
+static CLUSTER: LazyLock<RedisCluster> = LazyLock::new(|| {
+    RedisCluster::start_with(3, ServerOptions::new().acl_user("spool", "cluster-pw-2"))
+});
 
 /// A namespace no other case of this binary uses.
 fn unique_namespace() -> String {

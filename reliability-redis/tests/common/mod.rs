@@ -8,12 +8,24 @@ use std::sync::{Arc, LazyLock};
 
 use reliability_core::config::RedisConfig;
 use reliability_core::{KeySpace, ManualClock};
-use reliability_redis::harness::{RedisCluster, RedisServer, SentinelSet};
+use reliability_redis::harness::{RedisCluster, RedisServer, SentinelSet, ServerOptions};
 use reliability_redis::RedisClient;
 
 pub static STANDALONE: LazyLock<RedisServer> = LazyLock::new(RedisServer::start);
-pub static SENTINEL: LazyLock<SentinelSet> = LazyLock::new(|| SentinelSet::start(2, 3, 1000));
-pub static CLUSTER: LazyLock<RedisCluster> = LazyLock::new(|| RedisCluster::start(3));
+/// Behind an ACL user: the data nodes admit only `AUTH svc <password>`,
+/// the sentinels require the password too.
+pub static SENTINEL: LazyLock<SentinelSet> = LazyLock::new(|| {
+    SentinelSet::start_with(
+        2,
+        3,
+        1000,
+        ServerOptions::new().acl_user("svc", "sentinel-pw-1"),
+    )
+});
+/// Behind an ACL user: the nodes admit only `AUTH svc <password>`.
+pub static CLUSTER: LazyLock<RedisCluster> = LazyLock::new(|| {
+    RedisCluster::start_with(3, ServerOptions::new().acl_user("svc", "cluster-pw-1"))
+});
 
 static NEXT: AtomicU64 = AtomicU64::new(0);
 
