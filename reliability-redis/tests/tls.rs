@@ -10,7 +10,8 @@
 //!
 //! The same holds behind Sentinel (TLS to the sentinels and to the master
 //! they name) and on a Cluster (`tls-cluster yes`: the nodes answer their
-//! TLS ports over TLS).
+//! TLS ports over TLS), each behind an ACL user (and sentinels requiring
+//! their password): TLS and credentials together.
 #![allow(clippy::print_stdout)] // the test reports its figures
 
 mod common;
@@ -20,7 +21,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::fresh_key_space;
-use reliability_core::config::{RedisConfig, RedisUrl, TlsConfig};
+use reliability_core::config::{RedisConfig, RedisUrl, Secret, TlsConfig};
 use reliability_core::{Claim, Error, Fingerprint, IdempotencyStore, Quota, RateLimiter};
 use reliability_redis::harness::{RedisCluster, RedisServer, SentinelSet, ServerOptions, TlsFiles};
 use reliability_redis::{Mode, RedisClient, RedisIdempotencyStore, RedisRateLimiter};
@@ -303,10 +304,17 @@ async fn unreadable_tls_files_are_configuration_errors_naming_the_field() {
 async fn rediss_cluster() {
     let certs_dir = tempfile::tempdir().unwrap();
     let files = make_certs(certs_dir.path());
-    let cluster = RedisCluster::start_with(3, ServerOptions::new().tls(files.clone()));
+    let cluster = RedisCluster::start_with(
+        3,
+        ServerOptions::new()
+            .tls(files.clone())
+            .acl_user("tls-user", "tls-cluster-pw"),
+    );
     let urls = cluster.tls_urls();
     assert_eq!(urls.len(), 3);
     let mut cfg = RedisConfig::cluster(urls.iter().map(|u| RedisUrl::new(u).unwrap()).collect());
+    cfg.username = Some("tls-user".into());
+    cfg.password = Some(Secret::new("tls-cluster-pw"));
     let mut tls = TlsConfig::default();
     tls.ca_file = Some(files.ca.clone());
     cfg.tls = Some(tls);
@@ -369,7 +377,14 @@ async fn rediss_sentinel() {
     let certs_dir = tempfile::tempdir().unwrap();
     let files = make_certs(certs_dir.path());
     let set = tokio::task::block_in_place(|| {
-        SentinelSet::start_with(1, 1, 5_000, ServerOptions::new().tls(files.clone()))
+        SentinelSet::start_with(
+            1,
+            1,
+            5_000,
+            ServerOptions::new()
+                .tls(files.clone())
+                .acl_user("tls-user", "tls-sentinel-pw"),
+        )
     });
     let urls = set.tls_sentinel_urls();
     assert_eq!(urls.len(), 1);
@@ -381,10 +396,18 @@ async fn rediss_sentinel() {
             .and_then(|u| u.rsplit(':').next()?.parse().ok()),
         "the sentinel reports the master's TLS port"
     );
+    // The sentinels' password in their URLs, the data nodes' user and
+    // password in the config.
     let mut cfg = RedisConfig::sentinel(
         reliability_redis::harness::MASTER_NAME,
-        urls.iter().map(|u| RedisUrl::new(u).unwrap()).collect(),
+        urls.iter()
+            .map(|u| {
+                RedisUrl::new(u.replacen("rediss://", "rediss://:tls-sentinel-pw@", 1)).unwrap()
+            })
+            .collect(),
     );
+    cfg.username = Some("tls-user".into());
+    cfg.password = Some(Secret::new("tls-sentinel-pw"));
     let mut tls = TlsConfig::default();
     tls.ca_file = Some(files.ca.clone());
     cfg.tls = Some(tls);
