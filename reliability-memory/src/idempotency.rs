@@ -21,6 +21,10 @@ use reliability_core::{
 /// Default [`MemoryIdempotencyStoreBuilder::max_entries`].
 pub const DEFAULT_MAX_ENTRIES: u64 = 100_000;
 
+/// The most entries the cache's table is sized for up front (see the
+/// store's Bounds).
+const PRESIZE_MAX: u64 = 1 << 20;
+
 /// One stored key.
 #[derive(Clone)]
 struct Entry {
@@ -148,6 +152,11 @@ impl Expiry<String, Entry> for EntryExpiry {
 /// number of keys live within the longest retention. moka applies its
 /// eviction policy in batches, so the entry count can briefly exceed the cap
 /// (moka#231).
+///
+/// The table is sized for the cap up front (up to 2^20 entries, about
+/// 33 bytes each: 3.3 MB for the default cap): growing it while claims
+/// arrive stalled them (worst claim 10-23 ms around 280-370 k keys, 600 k
+/// fresh keys 3.7-4.2 s; presized: 2.6-2.9 s).
 #[derive(Clone)]
 pub struct MemoryIdempotencyStore {
     cache: Cache<String, Entry>,
@@ -373,6 +382,7 @@ impl MemoryIdempotencyStoreBuilder {
         let clock = self.clock.unwrap_or_else(system_clock);
         let cache = Cache::builder()
             .max_capacity(self.max_entries)
+            .initial_capacity(usize::try_from(self.max_entries.min(PRESIZE_MAX)).unwrap_or(0))
             .expire_after(EntryExpiry {
                 clock: clock.clone(),
             })
