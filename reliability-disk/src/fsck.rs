@@ -182,7 +182,7 @@ pub fn inspect(dir: &Path) -> Result<InspectReport> {
         ));
     }
     let rec = recover(dir, false).map_err(|e| io_error("cannot read the spool", dir, e))?;
-    let per_seg = rec.index.records_per_segment();
+    let per_seg = rec.index.pins_per_segment();
     let segments = rec
         .segments
         .iter()
@@ -190,7 +190,7 @@ pub fn inspect(dir: &Path) -> Result<InspectReport> {
             number,
             bytes,
             entries,
-            records: per_seg.get(&number).copied().unwrap_or(0),
+            records: per_seg.get(&number).map_or(0, |p| p.0),
         })
         .collect();
     let leased = rec

@@ -192,8 +192,10 @@ impl Index {
                 attempts,
                 ..
             } => {
-                // A second enqueue frame for a known id (a write whose sync
-                // failed, then a retry) replaces the first.
+                // A second enqueue frame for a known id replaces the first:
+                // a relocation (crate docs, Relocation: the newest copy and
+                // the state frames after it win, no duplicate) or a write
+                // whose sync failed, then a retry.
                 if let Some(old) = self.take_live(id) {
                     self.bytes -= u64::from(old.payload_len);
                 }
@@ -291,15 +293,48 @@ impl Index {
         }
     }
 
-    /// Records (live and dead) per segment of their enqueue frame.
-    pub(crate) fn records_per_segment(&self) -> BTreeMap<u32, u64> {
-        let mut m = BTreeMap::new();
-        for l in self.live.values() {
-            *m.entry(l.loc.seg).or_insert(0) += 1;
-        }
-        for d in self.dead_ids.values() {
-            *m.entry(d.loc.seg).or_insert(0) += 1;
+    /// Per segment of their enqueue frame: the records (live and dead) it
+    /// holds and the bytes of their enqueue frames.
+    pub(crate) fn pins_per_segment(&self) -> BTreeMap<u32, (u64, u64)> {
+        let mut m: BTreeMap<u32, (u64, u64)> = BTreeMap::new();
+        let locs = self.live.values().map(|l| l.loc);
+        for loc in locs.chain(self.dead_ids.values().map(|d| d.loc)) {
+            let e = m.entry(loc.seg).or_default();
+            e.0 += 1;
+            e.1 += u64::from(loc.len);
         }
         m
+    }
+
+    /// Where the enqueue frame of `id` (live or dead) is.
+    pub(crate) fn loc_of(&self, id: &RecordId) -> Option<Loc> {
+        self.live
+            .get(id)
+            .map(|l| l.loc)
+            .or_else(|| self.dead_ids.get(id).map(|d| d.loc))
+    }
+
+    /// Records (live and dead) whose enqueue frame is in `seg`.
+    pub(crate) fn in_segment(&self, seg: u32) -> Vec<(RecordId, Loc)> {
+        let live = self.live.iter().map(|(id, l)| (id, l.loc));
+        live.chain(self.dead_ids.iter().map(|(id, d)| (id, d.loc)))
+            .filter(|(_, loc)| loc.seg == seg)
+            .map(|(id, loc)| (id.clone(), loc))
+            .collect()
+    }
+
+    /// Points `id` at its relocated enqueue frame `to` if it is still at
+    /// `from` (not acked, purged or re-enqueued since); says whether it was.
+    pub(crate) fn relocate(&mut self, id: &RecordId, from: Loc, to: Loc) -> bool {
+        let loc = match (self.live.get_mut(id), self.dead_ids.get_mut(id)) {
+            (Some(l), _) => &mut l.loc,
+            (None, Some(d)) => &mut d.loc,
+            (None, None) => return false,
+        };
+        if *loc != from {
+            return false;
+        }
+        *loc = to;
+        true
     }
 }

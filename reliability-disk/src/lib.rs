@@ -58,9 +58,31 @@
 //! A sealed segment is deleted once it is the oldest one and every record
 //! enqueued in it is acked or purged — and only after the active segment
 //! (holding those acks) is synced; the directory is synced after the unlink.
-//! Records always live in the segment of their enqueue frame; later state
-//! changes only ever refer back to older segments, so deleting the oldest
-//! obsolete segment never changes what a replay rebuilds.
+//! Later state changes only ever refer back to older segments, so deleting
+//! the oldest obsolete segment never changes what a replay rebuilds.
+//! Deletion stays oldest first on purpose: a younger segment may hold the
+//! ack or the dead-letter frame of a record whose enqueue frame sits in an
+//! older one, and deleting it alone would bring the record back or undo its
+//! state (and a gap in the numbering remains what it was: damage).
+//!
+//! # Relocation
+//!
+//! One long-lived record (delayed for hours, dead-lettered and never
+//! redriven, leased by a stuck consumer) would keep its segment, and so
+//! every segment after it. So the writer rewrites the records still in the
+//! oldest sealed segment at the head of the log, with their current state
+//! (an enqueue frame with the same id, seq, times, attempts and payload,
+//! then a lease or dead-letter frame as the record needs), when their
+//! enqueue frames take less than
+//! [`DiskSpoolConfig::relocate_below_percent`] of its bytes (default 25 %),
+//! or when the segments hold more than twice the bytes of all records'
+//! enqueue frames plus two segments. The segment, now unpinned, is deleted
+//! as above: after the sync of the relocated frames, then the directory.
+//! A replay reads a second enqueue frame for an id as a move: the newest
+//! copy and the frames after it win. Relocation runs on the writer thread
+//! in steps of at most 1 MiB of records, queued behind the calls already
+//! waiting; [`DiskSpool::relocated_total`] counts the records moved. The
+//! details and the durability order are in the `relocate` module.
 //!
 //! # Corruption
 //!
@@ -79,6 +101,7 @@ pub mod codec;
 mod fsck;
 mod index;
 mod recover;
+mod relocate;
 mod spool;
 mod writer;
 
@@ -88,5 +111,5 @@ pub use fsck::{
 };
 pub use spool::{
     DiskSpool, DiskSpoolBuilder, DiskSpoolConfig, FsyncMode, DEFAULT_PREALLOCATE_BYTES,
-    DEFAULT_SEGMENT_MAX_BYTES,
+    DEFAULT_RELOCATE_BELOW_PERCENT, DEFAULT_SEGMENT_MAX_BYTES,
 };

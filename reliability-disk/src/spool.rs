@@ -1,12 +1,12 @@
 //! [`DiskSpool`] and its configuration.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::FileExt as _;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
@@ -27,7 +27,7 @@ use crate::recover::{
     quarantine_dir, recover, segment_header, segment_path, segments_dir, sync_dir, Quarantine,
     SEG_HEADER_LEN,
 };
-use crate::writer::{Cmd, Completion, WriteReq, Writer, Written};
+use crate::writer::{Cmd, Completion, Pin, WriteReq, Writer, Written};
 
 pub(crate) const BACKEND: &str = "disk";
 
@@ -37,6 +37,10 @@ pub const DEFAULT_SEGMENT_MAX_BYTES: u64 = 64 * 1024 * 1024;
 /// Default stretch by which the active segment is preallocated ahead of its
 /// data.
 pub const DEFAULT_PREALLOCATE_BYTES: u64 = 1024 * 1024;
+
+/// Default share (in percent of its bytes) under which the records of the
+/// oldest sealed segment are relocated.
+pub const DEFAULT_RELOCATE_BELOW_PERCENT: u8 = 25;
 
 /// When the spool syncs its log to stable storage.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -83,6 +87,14 @@ pub struct DiskSpoolConfig {
     /// most 64 MiB, 0 turns preallocation off (the segment grows with every
     /// write).
     pub preallocate_bytes: u64,
+    /// When the enqueue frames of the records still in the oldest sealed
+    /// segment take less than this share (percent) of its bytes, they are
+    /// rewritten at the head of the log so that the segment can be deleted
+    /// (see the crate docs, Compaction); default 25. 0 leaves only the
+    /// rule that relocates when the log holds more than twice its records'
+    /// bytes; 100 relocates the oldest sealed segment whenever it holds
+    /// records (tests use it to relocate often).
+    pub relocate_below_percent: u8,
 }
 
 impl DiskSpoolConfig {
@@ -94,6 +106,7 @@ impl DiskSpoolConfig {
             fsync: FsyncMode::default(),
             segment_max_bytes: DEFAULT_SEGMENT_MAX_BYTES,
             preallocate_bytes: DEFAULT_PREALLOCATE_BYTES,
+            relocate_below_percent: DEFAULT_RELOCATE_BELOW_PERCENT,
         }
     }
 }
@@ -133,6 +146,14 @@ impl DiskSpoolBuilder {
         self
     }
 
+    /// The share of its bytes under which the records of the oldest sealed
+    /// segment are relocated. Default 25; see
+    /// [`DiskSpoolConfig::relocate_below_percent`].
+    pub fn relocate_below_percent(mut self, percent: u8) -> Self {
+        self.config.relocate_below_percent = percent;
+        self
+    }
+
     /// The clock to read time from. Default: the system clock.
     pub fn clock(mut self, clock: SharedClock) -> Self {
         self.clock = Some(clock);
@@ -163,6 +184,12 @@ impl DiskSpoolBuilder {
             return Err(Error::config(
                 "limits.max_record_bytes",
                 format!("the disk spool stores payloads of at most {MAX_PAYLOAD} bytes"),
+            ));
+        }
+        if config.relocate_below_percent > 100 {
+            return Err(Error::config(
+                "relocate_below_percent",
+                "must be at most 100",
             ));
         }
         if let FsyncMode::Interval(d) = config.fsync {
@@ -218,6 +245,33 @@ impl ReadFiles {
         Ok(f)
     }
 
+    /// Reads back the payload of the enqueue frame of `id` at `loc`
+    /// (checking the frame's CRC and id).
+    pub(crate) fn read_enqueue(
+        &self,
+        id: &RecordId,
+        loc: Loc,
+    ) -> std::result::Result<Bytes, String> {
+        let file = self.get(loc.seg).map_err(|e| e.to_string())?;
+        let mut buf = vec![0u8; loc.len as usize];
+        file.read_exact_at(&mut buf, loc.off)
+            .map_err(|e| e.to_string())?;
+        match codec::decode(&buf) {
+            Ok(Some((
+                Entry::Enqueue {
+                    id: got, payload, ..
+                },
+                _,
+            ))) if &got == id => Ok(payload),
+            Ok(Some((other, _))) => Err(format!(
+                "expected the enqueue frame of {id}, found a {} frame",
+                other.kind_name()
+            )),
+            Ok(None) => Err("frame cut short".into()),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
     /// Drops the handle of a deleted segment (readers holding it finish).
     pub(crate) fn forget(&self, seg: u32) {
         self.files
@@ -230,7 +284,7 @@ impl ReadFiles {
 /// Everything under the state mutex.
 #[derive(Debug, Default)]
 pub(crate) struct State {
-    index: Index,
+    pub(crate) index: Index,
     /// Ids whose enqueue frames are being written: duplicates, and they take
     /// room, but are not leasable yet.
     pending: HashSet<RecordId>,
@@ -290,6 +344,8 @@ pub struct DiskSpool {
     tx: Option<mpsc::Sender<Cmd>>,
     writer: Option<JoinHandle<()>>,
     lock: Option<File>,
+    /// Records relocated since open (the writer counts).
+    relocated: Arc<AtomicU64>,
 }
 
 impl fmt::Debug for DiskSpool {
@@ -380,10 +436,22 @@ fn open_blocking(
             (1, SEG_HEADER_LEN, SEG_HEADER_LEN)
         }
     };
-    let mut counts = rec.index.records_per_segment();
-    for &(n, _, _) in &rec.segments {
-        counts.entry(n).or_insert(0);
-    }
+    let pins = rec.index.pins_per_segment();
+    let counts: BTreeMap<u32, Pin> = rec
+        .segments
+        .iter()
+        .map(|&(n, size, _)| {
+            let (records, bytes) = pins.get(&n).copied().unwrap_or_default();
+            (
+                n,
+                Pin {
+                    records,
+                    bytes,
+                    size,
+                },
+            )
+        })
+        .collect();
     let files = Arc::new(ReadFiles {
         dir: dir.clone(),
         files: Mutex::new(HashMap::new()),
@@ -397,6 +465,7 @@ fn open_blocking(
     let mut writer = Writer::new(&config, active, counts, files.clone(), state.clone())
         .map_err(|e| io_error("cannot open the active segment", &dir, e))?;
     writer.fault = fault;
+    let relocated = writer.reloc.moved.clone();
     let (tx, rx) = mpsc::channel();
     let handle = std::thread::Builder::new()
         .name("reliability-disk-writer".into())
@@ -417,6 +486,7 @@ fn open_blocking(
         tx: Some(tx),
         writer: Some(handle),
         lock: Some(lock),
+        relocated,
     })
 }
 
@@ -424,7 +494,7 @@ fn open_blocking(
 #[derive(Default)]
 struct Frames {
     bytes: Vec<u8>,
-    released: Vec<u32>,
+    released: Vec<Loc>,
 }
 
 impl Frames {
@@ -491,6 +561,13 @@ impl DiskSpool {
         self.limits
     }
 
+    /// Records rewritten at the head of the log since the spool opened, so
+    /// that the sparse old segments holding them could be deleted (see the
+    /// crate docs, Compaction).
+    pub fn relocated_total(&self) -> u64 {
+        self.relocated.load(Ordering::Relaxed)
+    }
+
     /// Writes and syncs everything queued, stops the writer and releases the
     /// directory lock.
     ///
@@ -551,6 +628,7 @@ impl DiskSpool {
             sync,
             enqueued,
             released: frames.released,
+            moves: Vec::new(),
             done,
             reply: Some(tx),
         };
@@ -577,31 +655,32 @@ impl DiskSpool {
         }
     }
 
-    /// Reads the payload of the enqueue frame of `id` at `loc`.
-    fn read_payload(&self, id: &RecordId, loc: Loc) -> std::result::Result<Bytes, String> {
-        let file = self.shared.files.get(loc.seg).map_err(|e| e.to_string())?;
-        let mut buf = vec![0u8; loc.len as usize];
-        file.read_exact_at(&mut buf, loc.off)
-            .map_err(|e| e.to_string())?;
-        match codec::decode(&buf) {
-            Ok(Some((
-                Entry::Enqueue {
-                    id: got, payload, ..
-                },
-                _,
-            ))) if &got == id => Ok(payload),
-            Ok(Some((other, _))) => Err(format!(
-                "expected the enqueue frame of {id}, found a {} frame",
-                other.kind_name()
-            )),
-            Ok(None) => Err("frame cut short".into()),
-            Err(e) => Err(e.to_string()),
+    /// Reads the payload of `id`, whose enqueue frame was at `loc` when the
+    /// caller looked. If that read fails because the record was relocated
+    /// meanwhile (its old segment may be gone), reads it at its current
+    /// place. On failure, returns where it read last.
+    fn read_payload(&self, id: &RecordId, loc: Loc) -> std::result::Result<Bytes, (Loc, String)> {
+        let mut at = loc;
+        loop {
+            let why = match self.shared.files.read_enqueue(id, at) {
+                Ok(payload) => return Ok(payload),
+                Err(why) => why,
+            };
+            match self.state().index.loc_of(id) {
+                // Relocations only move forward: this ends.
+                Some(now) if now.seg > at.seg => at = now,
+                _ => return Err((at, why)),
+            }
         }
     }
 
     /// A record whose frame no longer reads back: its bytes go to
-    /// quarantine, the record leaves the index (an ack frame records it).
+    /// quarantine, the record leaves the index (an ack frame records it),
+    /// unless it is no longer at `loc` (acked, or relocated, meanwhile).
     fn lost_to_corruption(&self, id: &RecordId, loc: Loc, why: &str) {
+        if self.state().index.loc_of(id) != Some(loc) {
+            return;
+        }
         tracing::error!(id = %id, segment = loc.seg, offset = loc.off, why, "disk spool: record unreadable, quarantined");
         let q = Quarantine {
             dir: quarantine_dir(&self.shared.dir),
@@ -634,7 +713,7 @@ impl DiskSpool {
             st.index.bytes -= u64::from(len);
             let mut f = Frames::default();
             f.push(&Entry::Ack { id: id.clone() });
-            f.released.push(loc.seg);
+            f.released.push(loc);
             let _ = self.send(&mut st, f, false, 0, None);
         }
     }
@@ -795,7 +874,7 @@ impl Spool for DiskSpool {
                     Record::new(p.id.clone(), payload, p.attempts, p.enqueued_at),
                     SpoolToken::new(p.id, p.token),
                 )),
-                Err(why) => self.lost_to_corruption(&p.id, p.loc, &why),
+                Err((at, why)) => self.lost_to_corruption(&p.id, at, &why),
             }
         }
         Ok(out)
@@ -811,7 +890,7 @@ impl Spool for DiskSpool {
                     f.push(&Entry::Ack {
                         id: token.id().clone(),
                     });
-                    f.released.push(live.loc.seg);
+                    f.released.push(live.loc);
                     self.send(&mut st, f, false, 0, None)?
                 }
                 Err(NotOwner::Gone) => return Ok(()),
@@ -928,7 +1007,7 @@ impl Spool for DiskSpool {
                     d.reason,
                     d.dead_at,
                 )),
-                Err(why) => self.lost_to_corruption(&id, d.loc, &why),
+                Err((at, why)) => self.lost_to_corruption(&id, at, &why),
             }
         }
         Ok(out)
@@ -985,7 +1064,7 @@ impl Spool for DiskSpool {
                 if let Some(d) = st.index.remove_dead(id) {
                     st.index.bytes -= u64::from(d.payload_len);
                     f.push(&Entry::Purge { id: id.clone() });
-                    f.released.push(d.loc.seg);
+                    f.released.push(d.loc);
                 }
             }
             (self.send(&mut st, f, false, 0, None)?, ids.len())

@@ -11,8 +11,12 @@
 //! take turns; a lone caller never waits. On a failed write the segment is
 //! truncated back to where the batch began and every request of the batch
 //! fails: the log never holds a partial batch followed by more.
+//!
+//! After each batch the writer may take one bounded step of relocation
+//! (see [`crate::relocate`]): it queues the step's frames behind whatever
+//! was already queued, so they are written in the next batch.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::FileExt as _;
@@ -25,9 +29,11 @@ use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
 use crate::codec;
+use crate::index::Loc;
 use crate::recover::{
     segment_header, segment_path, segments_dir, sync_dir, PAD_GRID, SEG_HEADER_LEN,
 };
+use crate::relocate::{Move, Relocator};
 use crate::spool::{DiskSpoolConfig, FsyncMode, ReadFiles, State};
 
 /// Largest batch the writer gathers before writing.
@@ -50,14 +56,31 @@ pub(crate) struct Written {
 /// is written (and synced if it asked), or failed; before its caller wakes.
 pub(crate) type Completion = Box<dyn FnOnce(&mut State, &io::Result<Written>) + Send>;
 
+/// What pins a segment: the records (live or dead) whose enqueue frame is
+/// in it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Pin {
+    /// How many.
+    pub(crate) records: u64,
+    /// Bytes of their enqueue frames.
+    pub(crate) bytes: u64,
+    /// Bytes of the segment file once sealed (the active segment's data
+    /// ends at [`Writer::len`]).
+    pub(crate) size: u64,
+}
+
 pub(crate) struct WriteReq {
     pub(crate) bytes: Vec<u8>,
     /// Reply only after a sync covers these bytes.
     pub(crate) sync: bool,
-    /// Records enqueued by these bytes (they now pin the segment).
+    /// Records enqueued by these bytes (they now pin the segment; the
+    /// bytes of such a request are enqueue frames only).
     pub(crate) enqueued: u64,
-    /// Segments each losing one record (acked or purged).
-    pub(crate) released: Vec<u32>,
+    /// Enqueue frames of records gone (acked or purged): each unpins its
+    /// segment.
+    pub(crate) released: Vec<Loc>,
+    /// Records these bytes relocate (a relocation step's request).
+    pub(crate) moves: Vec<Move>,
     pub(crate) done: Option<Completion>,
     pub(crate) reply: Option<oneshot::Sender<io::Result<Written>>>,
 }
@@ -84,11 +107,11 @@ pub(crate) struct Writer {
     /// Preallocation failed (full disk?): the active segment grows write by
     /// write until the next roll.
     prealloc_failed: bool,
-    /// Records pinning each segment (live or dead), every segment listed.
-    pub(crate) counts: BTreeMap<u32, u64>,
+    /// What pins each segment, every segment listed.
+    pub(crate) counts: BTreeMap<u32, Pin>,
     pub(crate) files: Arc<ReadFiles>,
     /// The spool's state, locked once per batch to run its completions.
-    state: Arc<Mutex<State>>,
+    pub(crate) state: Arc<Mutex<State>>,
     pub(crate) fault: Option<Arc<AtomicU64>>,
     dirty: bool,
     last_sync: Instant,
@@ -97,6 +120,8 @@ pub(crate) struct Writer {
     /// How long that sync took.
     last_sync_took: Duration,
     buf: Vec<u8>,
+    /// Relocation of sparse old segments.
+    pub(crate) reloc: Relocator,
 }
 
 impl Writer {
@@ -105,7 +130,7 @@ impl Writer {
     pub(crate) fn new(
         config: &DiskSpoolConfig,
         active: (u32, u64, u64),
-        counts: BTreeMap<u32, u64>,
+        counts: BTreeMap<u32, Pin>,
         files: Arc<ReadFiles>,
         state: Arc<Mutex<State>>,
     ) -> io::Result<Self> {
@@ -121,7 +146,7 @@ impl Writer {
             file.set_len(alloc_end)?;
         }
         let mut counts = counts;
-        counts.entry(seg).or_insert(0);
+        counts.entry(seg).or_default();
         Ok(Self {
             dir,
             mode: config.fsync,
@@ -144,14 +169,19 @@ impl Writer {
             last_synced: 0,
             last_sync_took: Duration::ZERO,
             buf: Vec::new(),
+            reloc: Relocator::new(config.relocate_below_percent),
         })
     }
 
     pub(crate) fn run(mut self, rx: Receiver<Cmd>) {
         let mut batch: Vec<WriteReq> = Vec::new();
+        // Commands taken off the channel ahead of a relocation step's
+        // request, in order: they go first.
+        let mut carry: VecDeque<Cmd> = VecDeque::new();
         loop {
-            let first = match self.interval_deadline() {
-                Some(deadline) => {
+            let first = match (carry.pop_front(), self.interval_deadline()) {
+                (Some(c), _) => c,
+                (None, Some(deadline)) => {
                     match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
                         Ok(c) => c,
                         Err(RecvTimeoutError::Timeout) => {
@@ -161,7 +191,7 @@ impl Writer {
                         Err(RecvTimeoutError::Disconnected) => break,
                     }
                 }
-                None => match rx.recv() {
+                (None, None) => match rx.recv() {
                     Ok(c) => c,
                     Err(_) => break,
                 },
@@ -187,7 +217,7 @@ impl Writer {
                     if bytes >= MAX_BATCH_BYTES {
                         break;
                     }
-                    next = rx.try_recv().ok();
+                    next = carry.pop_front().or_else(|| rx.try_recv().ok());
                 }
                 // The callers the last sync woke are coming back: when only
                 // some of them are queued, give the rest a moment (a fraction
@@ -203,7 +233,7 @@ impl Writer {
                 }
                 waited = true;
                 std::thread::sleep(self.straggler_wait());
-                next = rx.try_recv().ok();
+                next = carry.pop_front().or_else(|| rx.try_recv().ok());
             }
             if !batch.is_empty() {
                 self.commit(&mut batch);
@@ -213,6 +243,7 @@ impl Writer {
                 let _ = tx.send(r);
                 return;
             }
+            self.relocate_step(&rx, &mut carry);
         }
         let _ = self.finish();
     }
@@ -356,6 +387,9 @@ impl Writer {
         self.alloc_end = self.alloc_end.max(start + self.buf.len() as u64);
         self.dirty = true;
         let needs_sync = batch.iter().any(|r| r.sync);
+        if batch.iter().any(|r| r.moves.is_empty()) {
+            self.reloc.wrote_for_callers();
+        }
         // Requests that need no sync are answered before it.
         let mut synced_later = Vec::new();
         let mut now = Vec::new();
@@ -408,21 +442,30 @@ impl Writer {
         let mut st = None;
         let mut replies = Vec::with_capacity(reqs.len());
         for (mut req, r) in reqs {
-            if let Ok(w) = &r {
-                *self.counts.entry(w.seg).or_insert(0) += req.enqueued;
+            if let (Ok(w), 1..) = (&r, req.enqueued) {
+                let pin = self.counts.entry(w.seg).or_default();
+                pin.records += req.enqueued;
+                pin.bytes += req.bytes.len() as u64;
             }
-            for s in req.released.drain(..) {
-                if let Some(c) = self.counts.get_mut(&s) {
-                    *c = c.saturating_sub(1);
-                }
+            for loc in std::mem::take(&mut req.released) {
+                self.unpin(loc);
             }
-            if let Some(done) = req.done.take() {
+            if req.done.is_some() || !req.moves.is_empty() {
                 let st = st.get_or_insert_with(|| {
                     // Completions keep the state consistent step by step; a
                     // poisoned lock is safe (as in `Shared::state`).
                     state.lock().unwrap_or_else(PoisonError::into_inner)
                 });
-                done(st, &r);
+                if let Some(done) = req.done.take() {
+                    done(st, &r);
+                }
+                let moves = std::mem::take(&mut req.moves);
+                if !moves.is_empty() {
+                    for (from, to) in self.reloc.settle(&mut st.index, moves, &r) {
+                        self.pin(to);
+                        self.unpin(from);
+                    }
+                }
             }
             if let Some(tx) = req.reply.take() {
                 replies.push((tx, r));
@@ -431,6 +474,21 @@ impl Writer {
         drop(st);
         for (tx, r) in replies {
             let _ = tx.send(r);
+        }
+    }
+
+    /// `loc`'s record now pins its segment.
+    fn pin(&mut self, loc: Loc) {
+        let pin = self.counts.entry(loc.seg).or_default();
+        pin.records += 1;
+        pin.bytes += u64::from(loc.len);
+    }
+
+    /// `loc`'s record no longer pins its segment.
+    fn unpin(&mut self, loc: Loc) {
+        if let Some(pin) = self.counts.get_mut(&loc.seg) {
+            pin.records = pin.records.saturating_sub(1);
+            pin.bytes = pin.bytes.saturating_sub(u64::from(loc.len));
         }
     }
 
@@ -443,6 +501,7 @@ impl Writer {
         }
         self.file.sync_data()?;
         self.dirty = false;
+        self.counts.entry(self.seg).or_default().size = self.len;
         let next = self.seg + 1;
         let path = segment_path(&self.dir, next);
         let mut f = OpenOptions::new()
@@ -458,7 +517,7 @@ impl Writer {
         self.len = SEG_HEADER_LEN;
         self.alloc_end = SEG_HEADER_LEN;
         self.prealloc_failed = false;
-        self.counts.entry(next).or_insert(0);
+        self.counts.entry(next).or_default();
         tracing::debug!(segment = next, "disk spool: new segment");
         Ok(())
     }
@@ -467,10 +526,10 @@ impl Writer {
     /// frames that unpinned them are synced; syncs the directory after.
     fn compact(&mut self) {
         loop {
-            let Some((&oldest, &count)) = self.counts.first_key_value() else {
+            let Some((&oldest, pin)) = self.counts.first_key_value() else {
                 return;
             };
-            if count > 0 || oldest >= self.seg {
+            if pin.records > 0 || oldest >= self.seg {
                 return;
             }
             if let Err(e) = self.sync() {

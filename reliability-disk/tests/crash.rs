@@ -10,8 +10,12 @@
 //! task also leases records, checks their payloads, acks most of them
 //! (printing `@@L <id>` before it calls `ack` and `@@A <id>` once `ack`
 //! returned) and nacks the rest, so kills
-//! land in the middle of leases, acks and nacks as well as enqueues. Every
-//! payload is derived from its id, so a payload can be checked anywhere.
+//! land in the middle of leases, acks and nacks as well as enqueues. In odd
+//! cycles the child relocates eagerly (the records of the oldest sealed
+//! segment move whenever it holds any: `relocate_below_percent(100)`), so
+//! kills also land in the middle of relocations and of the deletions that
+//! follow them. Every payload is derived from its id, so a payload can be
+//! checked anywhere.
 //!
 //! The parent kills the child after a random number of printed lines (0
 //! included: a kill while the spool is opening), reopens the spool, leases
@@ -48,7 +52,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use reliability_core::{Clock, ManualClock, NewRecord, RecordId, Spool, SpoolLimits, SystemClock};
-use reliability_disk::{DiskSpool, FsyncMode};
+use reliability_disk::{DiskSpool, FsyncMode, DEFAULT_RELOCATE_BELOW_PERCENT};
 
 const CHILD_ENV: &str = "RELIABILITY_CRASH_CHILD";
 const CYCLE_ENV: &str = "RELIABILITY_CRASH_CYCLE";
@@ -137,6 +141,11 @@ async fn child_main(dir: &Path, cycle: u64) {
             .limits(limits())
             .fsync(FsyncMode::Always)
             .segment_max_bytes(SEGMENT_MAX_BYTES)
+            .relocate_below_percent(if cycle % 2 == 1 {
+                100
+            } else {
+                DEFAULT_RELOCATE_BELOW_PERCENT
+            })
             .open()
             .await
             .expect("child: open"),

@@ -72,7 +72,7 @@ use reliability_core::{
     Clock, DeadReason, DeadRecord, Durability, Error, ManualClock, NackOutcome, NewRecord,
     RecordId, Spool, SpoolLimits, SpoolToken, Timestamp,
 };
-use reliability_disk::{DiskSpool, FsyncMode};
+use reliability_disk::{DiskSpool, FsyncMode, DEFAULT_RELOCATE_BELOW_PERCENT};
 use reliability_memory::MemorySpool;
 
 const IDS: u8 = 10;
@@ -281,9 +281,18 @@ enum Backend {
     Memory(MemorySpool),
 }
 
-async fn open_disk(dir: &Path, clock: &ManualClock, limits: SpoolLimits) -> DiskSpool {
+/// Opens the spool under test. `relocate_below` is the share (percent)
+/// under which the records of the oldest sealed segment are relocated: 100
+/// relocates them whenever it holds any.
+async fn open_disk(
+    dir: &Path,
+    clock: &ManualClock,
+    limits: SpoolLimits,
+    relocate_below: u8,
+) -> DiskSpool {
     DiskSpool::builder(dir)
         .limits(limits)
+        .relocate_below_percent(relocate_below)
         .fsync(FsyncMode::Always)
         .segment_max_bytes(SEGMENT_MAX_BYTES)
         .clock(Arc::new(clock.clone()))
@@ -340,7 +349,7 @@ async fn observe(dir: &Path, now: Timestamp) -> Observed {
         .with_max_records(u64::MAX / 4)
         .with_max_bytes(u64::MAX / 4)
         .with_retention(Duration::from_secs(100 * 365 * 86_400));
-    let spool = open_disk(&copy, &clock, huge).await;
+    let spool = open_disk(&copy, &clock, huge, DEFAULT_RELOCATE_BELOW_PERCENT).await;
     let dead = spool
         .list_dead(usize::MAX)
         .await
@@ -370,6 +379,10 @@ struct Run {
     backend: Backend,
     model: Model,
     tokens: Vec<SpoolToken>,
+    /// The disk spool's relocation threshold (percent).
+    relocate_below: u8,
+    /// Records the disk spool relocated, over every incarnation.
+    relocated: u64,
 }
 
 type Check = std::result::Result<(), String>;
@@ -548,13 +561,11 @@ impl Run {
                 let Backend::Disk { dir, spool } = &mut self.backend else {
                     return Ok(());
                 };
-                spool
-                    .take()
-                    .expect("open")
-                    .close()
-                    .await
-                    .map_err(|e| format!("close: {e}"))?;
-                *spool = Some(open_disk(dir.path(), &self.clock, limits()).await);
+                let open = spool.take().expect("open");
+                self.relocated += open.relocated_total();
+                open.close().await.map_err(|e| format!("close: {e}"))?;
+                *spool =
+                    Some(open_disk(dir.path(), &self.clock, limits(), self.relocate_below).await);
                 self.model.reopened();
             }
             Op::Crash => self.crash().await?,
@@ -779,7 +790,9 @@ impl Run {
             return Ok(());
         };
         // Kill: no close, nothing flushed beyond what the calls did.
-        drop(spool.take());
+        let open = spool.take();
+        self.relocated += open.as_ref().map_or(0, DiskSpool::relocated_total);
+        drop(open);
         let seen = observe(dir.path(), now).await;
         let m = &self.model;
         let mut d_ids: BTreeSet<&RecordId> = seen.live.keys().collect();
@@ -868,7 +881,7 @@ impl Run {
             dead_summary(&m.dead)
         );
         self.model.reopened();
-        *spool = Some(open_disk(dir.path(), &self.clock, limits()).await);
+        *spool = Some(open_disk(dir.path(), &self.clock, limits(), self.relocate_below).await);
         Ok(())
     }
 
@@ -936,7 +949,19 @@ impl Run {
     }
 }
 
-fn run_sequence(ops: &[Op], disk: bool) -> Check {
+fn run_sequence(ops: &[Op], disk: bool, eager: bool) -> Check {
+    run_counting(ops, disk, eager).map(|_| ())
+}
+
+/// Runs `ops`; returns how many records the disk spool relocated. `eager`:
+/// the spool relocates the oldest sealed segment whenever it holds records
+/// (threshold 100 %), else at the default threshold.
+fn run_counting(ops: &[Op], disk: bool, eager: bool) -> std::result::Result<u64, String> {
+    let relocate_below = if eager {
+        100
+    } else {
+        DEFAULT_RELOCATE_BELOW_PERCENT
+    };
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -945,7 +970,7 @@ fn run_sequence(ops: &[Op], disk: bool) -> Check {
         let clock = ManualClock::new();
         let backend = if disk {
             let dir = tempfile::tempdir().expect("tempdir");
-            let spool = open_disk(dir.path(), &clock, limits()).await;
+            let spool = open_disk(dir.path(), &clock, limits(), relocate_below).await;
             Backend::Disk {
                 dir,
                 spool: Some(spool),
@@ -963,6 +988,8 @@ fn run_sequence(ops: &[Op], disk: bool) -> Check {
             backend,
             model: Model::default(),
             tokens: Vec::new(),
+            relocate_below,
+            relocated: 0,
         };
         for (i, op) in ops.iter().enumerate() {
             if let Err(e) = run.step(op).await {
@@ -971,10 +998,11 @@ fn run_sequence(ops: &[Op], disk: bool) -> Check {
         }
         if let Backend::Disk { spool, .. } = &mut run.backend {
             if let Some(s) = spool.take() {
+                run.relocated += s.relocated_total();
                 s.close().await.map_err(|e| format!("final close: {e}"))?;
             }
         }
-        Ok(())
+        Ok(run.relocated)
     })
 }
 
@@ -993,8 +1021,11 @@ proptest! {
 
     /// DiskSpool against the model, with reopens and crashes.
     #[test]
-    fn disk_spool_follows_the_model(ops in prop::collection::vec(op(), 1..40)) {
-        if let Err(e) = run_sequence(&ops, true) {
+    fn disk_spool_follows_the_model(
+        ops in prop::collection::vec(op(), 1..40),
+        eager_relocation in any::<bool>(),
+    ) {
+        if let Err(e) = run_sequence(&ops, true, eager_relocation) {
             return Err(TestCaseError::fail(e));
         }
     }
@@ -1010,8 +1041,30 @@ proptest! {
     /// are no-ops there): a disagreement here is a bug in the model.
     #[test]
     fn model_agrees_with_memory_spool(ops in prop::collection::vec(op(), 1..40)) {
-        if let Err(e) = run_sequence(&ops, false) {
+        if let Err(e) = run_sequence(&ops, false, false) {
             return Err(TestCaseError::fail(e));
         }
     }
+}
+
+/// The model runs exercise relocation: with eager relocation (half the
+/// proptest's sequences) most sequences that roll a segment relocate
+/// records, and every check above then holds across it.
+#[test]
+fn model_sequences_relocate_records() {
+    use proptest::strategy::ValueTree as _;
+    let mut runner = proptest::test_runner::TestRunner::deterministic();
+    let ops = prop::collection::vec(op(), 1..40);
+    let (mut relocated, mut sequences) = (0, 0);
+    for _ in 0..100 {
+        let tree = ops.new_tree(&mut runner).expect("a sequence");
+        let n = run_counting(&tree.current(), true, true).expect("the sequence follows the model");
+        relocated += n;
+        sequences += u64::from(n > 0);
+    }
+    eprintln!("{sequences} of 100 sequences relocated {relocated} records");
+    assert!(
+        sequences >= 25,
+        "only {sequences} of 100 sequences relocated records"
+    );
 }

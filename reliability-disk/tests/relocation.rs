@@ -1,0 +1,253 @@
+//! Relocation: long-lived records do not keep old segments on disk.
+//!
+//! Each round enqueues one long-lived record and a segment's worth of
+//! short-lived ones (leased and acked at once) into small segments (4 KiB).
+//! The long-lived record takes turns being delayed for hours, dead-lettered
+//! (nobody redrives it), leased by a stuck consumer (10-hour lease) and
+//! nacked for hours. Without relocation every segment keeps one of them and
+//! the log grows by a segment a round; with it the files on disk stay
+//! bounded, and after a reopen every long-lived record is there with its
+//! state: due time, attempts, dead reason and time, lease and token.
+
+// The test prints the disk use it saw.
+#![allow(clippy::print_stdout)]
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use reliability_core::{
+    Clock, DeadReason, ManualClock, NewRecord, RecordId, Spool, SpoolLimits, SpoolToken, Timestamp,
+};
+use reliability_disk::DiskSpool;
+
+const SEGMENT_MAX_BYTES: u64 = 4096;
+const ROUNDS: usize = 200;
+const FILLERS: usize = 12;
+const HOUR: Duration = Duration::from_secs(3600);
+
+/// Segment files and their bytes.
+fn disk_use(dir: &Path) -> (usize, u64) {
+    let mut files = 0;
+    let mut bytes = 0;
+    for e in fs::read_dir(dir.join("segments")).expect("segments dir") {
+        let meta = e.expect("entry").metadata().expect("metadata");
+        files += 1;
+        bytes += meta.len();
+    }
+    (files, bytes)
+}
+
+async fn open(dir: &Path, clock: &ManualClock) -> DiskSpool {
+    DiskSpool::builder(dir)
+        .segment_max_bytes(SEGMENT_MAX_BYTES)
+        .limits(SpoolLimits::default().with_retention(Duration::from_secs(30 * 24 * 3600)))
+        .clock(Arc::new(clock.clone()))
+        .open()
+        .await
+        .expect("open")
+}
+
+/// What a long-lived record should be after the rounds.
+#[derive(Debug, Clone)]
+enum Fate {
+    /// Enqueued with a delay: due then, never attempted.
+    Delayed { due: Timestamp },
+    /// Leased once, then dead-lettered with this reason at this time.
+    Dead { reason: String, at: Timestamp },
+    /// Leased once by a consumer that never came back.
+    Stuck { token: SpoolToken, until: Timestamp },
+    /// Leased once, then nacked: due then.
+    Nacked { due: Timestamp },
+}
+
+fn id(kind: &str, round: usize, n: usize) -> RecordId {
+    RecordId::new(format!("{kind}-{round:04}-{n:02}")).expect("id")
+}
+
+fn payload(id: &RecordId) -> Bytes {
+    Bytes::from(format!("payload of {id}").repeat(3))
+}
+
+#[tokio::test]
+async fn long_lived_records_do_not_keep_old_segments() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    let clock = ManualClock::new();
+    let spool = open(dir, &clock).await;
+    let mut fates: BTreeMap<RecordId, Fate> = BTreeMap::new();
+    let mut dead_order = Vec::new();
+    let mut most = (0, 0);
+    for round in 0..ROUNDS {
+        clock.advance(Duration::from_secs(1));
+        let now = clock.now();
+        let long = id("long", round, 0);
+        let delay = if round % 4 == 0 {
+            fates.insert(
+                long.clone(),
+                Fate::Delayed {
+                    due: now.saturating_add(6 * HOUR),
+                },
+            );
+            6 * HOUR
+        } else {
+            Duration::ZERO
+        };
+        let mut batch = vec![NewRecord::new(long.clone(), payload(&long)).with_delay(delay)];
+        for n in 0..FILLERS {
+            let f = id("filler", round, n);
+            batch.push(NewRecord::new(f.clone(), vec![n as u8; 300]));
+        }
+        let enqueued = spool.enqueue(batch).await.expect("enqueue");
+        assert_eq!(enqueued.accepted, FILLERS + 1);
+        let leased = spool.lease(100, 10 * HOUR).await.expect("lease");
+        for l in leased {
+            if l.record.id != long {
+                spool.ack(&l.token).await.expect("ack a filler");
+                continue;
+            }
+            match round % 4 {
+                1 => {
+                    let reason = format!("rejected in round {round}");
+                    spool
+                        .dead_letter(&l.token, DeadReason::Rejected(reason.clone()))
+                        .await
+                        .expect("dead-letter");
+                    dead_order.push(long.clone());
+                    fates.insert(long.clone(), Fate::Dead { reason, at: now });
+                }
+                2 => {
+                    let until = now.saturating_add(10 * HOUR);
+                    fates.insert(
+                        long.clone(),
+                        Fate::Stuck {
+                            token: l.token,
+                            until,
+                        },
+                    );
+                }
+                _ => {
+                    let retry_in = 5 * HOUR;
+                    let _ = spool.nack(&l.token, retry_in).await.expect("nack");
+                    fates.insert(
+                        long.clone(),
+                        Fate::Nacked {
+                            due: now.saturating_add(retry_in),
+                        },
+                    );
+                }
+            }
+        }
+        if round >= 20 {
+            let (files, bytes) = disk_use(dir);
+            most = (most.0.max(files), most.1.max(bytes));
+        }
+    }
+    assert_eq!(fates.len(), ROUNDS);
+    let relocated = spool.relocated_total();
+    let (files, bytes) = disk_use(dir);
+    println!(
+        "{ROUNDS} rounds: {files} segment files, {bytes} bytes on disk at the end \
+         (at most {} files, {} bytes after round 20), {relocated} records relocated",
+        most.0, most.1
+    );
+    // Without relocation: a segment a round (over 200 files, 800 KB). With
+    // it: at most twice the records' enqueue frames (200 of about 100
+    // bytes) plus two segments, and the segment being written.
+    assert!(relocated > 0, "nothing was relocated");
+    assert!(most.0 <= 24, "{} segment files on disk", most.0);
+    assert!(most.1 <= 96 * 1024, "{} bytes on disk", most.1);
+    spool.close().await.expect("close");
+
+    // Reopen: every long-lived record is there with its state.
+    let spool = open(dir, &clock).await;
+    let stats = spool.stats().await.expect("stats");
+    let count = |f: fn(&Fate) -> bool| fates.values().filter(|x| f(x)).count() as u64;
+    assert_eq!(stats.dead, count(|f| matches!(f, Fate::Dead { .. })));
+    assert_eq!(stats.leased, count(|f| matches!(f, Fate::Stuck { .. })));
+    assert_eq!(
+        stats.delayed,
+        count(|f| matches!(f, Fate::Delayed { .. } | Fate::Nacked { .. }))
+    );
+    assert_eq!(stats.ready, 0);
+
+    let dead = spool.list_dead(1000).await.expect("list dead");
+    let dead_ids: Vec<RecordId> = dead.iter().map(|d| d.record.id.clone()).collect();
+    assert_eq!(dead_ids, dead_order, "dead-letter order");
+    for d in &dead {
+        let Some(Fate::Dead { reason, at }) = fates.get(&d.record.id) else {
+            panic!("{} is dead", d.record.id);
+        };
+        assert_eq!(d.reason, DeadReason::Rejected(reason.clone()));
+        assert_eq!(d.dead_at, *at);
+        assert_eq!(d.record.attempts, 1);
+        assert_eq!(d.record.payload, payload(&d.record.id));
+    }
+
+    // The stuck consumers' tokens still hold their leases: extending one
+    // (to 11 hours from now) works, and nothing leased is handed out again
+    // before its lease ends.
+    for (rid, fate) in &fates {
+        if let Fate::Stuck { token, .. } = fate {
+            if rid.as_str().ends_with("0002-00") {
+                spool
+                    .extend(token, 11 * HOUR)
+                    .await
+                    .expect("extend a lease held across the reopen");
+            }
+        }
+    }
+
+    // Nacked records come due after 5 hours, attempted once before.
+    let start = clock.now();
+    clock.advance(5 * HOUR + Duration::from_secs(1));
+    let due = spool.lease(1000, HOUR).await.expect("lease nacked");
+    let mut want: Vec<RecordId> = fates
+        .iter()
+        .filter(|(_, f)| matches!(f, Fate::Nacked { due } if *due <= clock.now()))
+        .map(|(id, _)| id.clone())
+        .collect();
+    let mut got: Vec<RecordId> = due.iter().map(|l| l.record.id.clone()).collect();
+    want.sort();
+    got.sort();
+    assert_eq!(got, want, "due after 5 hours");
+    for l in &due {
+        assert_eq!(l.record.attempts, 2, "{}", l.record.id);
+        assert_eq!(l.record.payload, payload(&l.record.id));
+        spool.ack(&l.token).await.expect("ack");
+    }
+
+    // Delayed records come due at 6 hours, never attempted; stuck leases
+    // end at 10 hours (the one extended an hour later).
+    clock.advance(
+        start
+            .saturating_add(10 * HOUR + Duration::from_secs(1))
+            .saturating_since(clock.now()),
+    );
+    let due = spool.lease(1000, HOUR).await.expect("lease the rest");
+    let mut got: Vec<RecordId> = due.iter().map(|l| l.record.id.clone()).collect();
+    let mut want: Vec<RecordId> = fates
+        .iter()
+        .filter(|(id, f)| match f {
+            Fate::Delayed { due } => *due <= clock.now(),
+            Fate::Stuck { until, .. } => *until <= clock.now() && !id.as_str().ends_with("0002-00"),
+            _ => false,
+        })
+        .map(|(id, _)| id.clone())
+        .collect();
+    got.sort();
+    want.sort();
+    assert_eq!(got, want, "due after 10 hours");
+    for l in &due {
+        let want_attempts = match fates.get(&l.record.id) {
+            Some(Fate::Delayed { .. }) => 1,
+            _ => 2,
+        };
+        assert_eq!(l.record.attempts, want_attempts, "{}", l.record.id);
+        assert_eq!(l.record.payload, payload(&l.record.id));
+    }
+    spool.close().await.expect("close");
+}
