@@ -10,15 +10,20 @@
 //! | `st` | `p` (pending) or `c` (completed) |
 //! | `fp` | the 32-byte payload fingerprint |
 //! | `tok` | the owner's lease token (32 hex digits) |
-//! | `exp` | logical expiry, µs since the epoch (Redis time) |
+//! | `exp` | logical expiry, µs since the epoch (Redis time); absent on a fresh claim, see below |
 //! | `res` | the stored result; absent for "no result" |
 //!
 //! Each operation is one Lua script touching one key (Cluster-safe), so a
 //! claim, a completion, a release and an extension are atomic and
 //! owner-checked: a stale lease gets [`Error::LeaseLost`] and changes
-//! nothing. The scripts read `now` from Redis `TIME` — one clock for every
-//! replica — and compare it with `exp`; `PEXPIRE` only cleans up keys
-//! physically once they are logically gone.
+//! nothing. Time is Redis's — one clock for every replica. A claim of a
+//! new key writes no `exp`: its lease ends with the key itself, which
+//! `PEXPIRE` sets to the lease (in ms, rounded up: never early, less than
+//! 2 ms late), so the hot path needs no `TIME`. Completions and extensions
+//! write `exp` from `TIME`, and the scripts compare it with `now`; their
+//! `PEXPIRE` only cleans up keys physically once they are logically gone.
+//! (Under a test clock override every claim writes `exp` from the
+//! override's time, and keys get a margin.)
 //!
 //! ```no_run
 //! # #[allow(dead_code)]
@@ -71,52 +76,61 @@ local function pttl(us)
 end
 ";
 
-// ARGV: fp, token, lease_us, pttl_ms[, now] (now only from a test clock
-// override; without it the script reads TIME).
+// ARGV: fp, token, pttl_ms[, now, lease_us] (the last two only under a
+// test clock override).
 //
-// A new key (the common case) costs TIME, EXISTS, HSET and PEXPIRE and
-// nothing else: the Lua interpreter's own work costs as much as those
-// commands, so the hot path avoids it. Each argument costs ~1.2k server
-// instructions to hand to Lua, so there are four, not the six of the
-// shared prologue (the margin is already in pttl_ms); `exp` is formatted
-// with '%d' (an integer sprintf: exact below 2^53, like every µs value
-// here) instead of '%.0f' (glibc's multi-precision float printing); the
-// acquired reply is a number, not a table. Server instructions per new
-// key (perf stat -e instructions:u on redis-server, EVALSHA -P 16):
-// 67k -> 53k.
+// A new key (the common case) costs EXISTS, HSET of three fields and
+// PEXPIRE: no TIME and no `exp`, since the key's own expiry ends the lease
+// (the module docs). In this script the Lua interpreter's work weighs as
+// much as the commands: each argument costs ~1.2k server instructions to
+// hand to Lua, TIME with its conversions 8k, '%.0f' formatting of `exp`
+// 5k, a table reply 4.6k. Server instructions per new key (perf stat -e
+// instructions:u on redis-server, EVALSHA -P 16): 67k -> 39k.
 const CLAIM: &str = r"
 local key = KEYS[1]
-local now = ARGV[5]
-if now then
-  now = tonumber(now)
-else
-  local t = redis.call('TIME')
-  now = t[1] * 1000000 + t[2]
-end
 if redis.call('EXISTS', key) == 1 then
+  local now = tonumber(ARGV[4])
+  if not now then
+    local t = redis.call('TIME')
+    now = t[1] * 1000000 + t[2]
+  end
   local h = redis.call('HMGET', key, 'st', 'fp', 'exp', 'res')
   if h[1] ~= 'p' and h[1] ~= 'c' then return {-1} end
-  if tonumber(h[3]) and tonumber(h[3]) > now then
+  local left
+  if h[3] then
+    local exp = tonumber(h[3])
+    if exp and exp > now then left = exp - now end
+  elseif h[1] == 'p' then
+    -- A claim without exp lasts as long as its key.
+    local ms = redis.call('PTTL', key)
+    if ms >= 0 then left = ms * 1000 end
+  end
+  if left then
     if h[2] ~= ARGV[1] then return {4} end
-    if h[1] == 'p' then return {2, tonumber(h[3]) - now} end
+    if h[1] == 'p' then return {2, left} end
     if h[4] then return {3, 1, h[4]} end
     return {3, 0}
   end
   -- An expired entry's fields (e.g. an old result) must not survive.
   redis.call('DEL', key)
 end
-redis.call('HSET', key, 'st', 'p', 'fp', ARGV[1], 'tok', ARGV[2],
-  'exp', string.format('%d', now + ARGV[3]))
-redis.call('PEXPIRE', key, ARGV[4])
+if ARGV[4] then
+  redis.call('HSET', key, 'st', 'p', 'fp', ARGV[1], 'tok', ARGV[2],
+    'exp', string.format('%d', ARGV[4] + ARGV[5]))
+else
+  redis.call('HSET', key, 'st', 'p', 'fp', ARGV[1], 'tok', ARGV[2])
+end
+redis.call('PEXPIRE', key, ARGV[3])
 return 1
 ";
 
 /// Shared prologue of the owner operations: 1 if `ARGV[3]` holds a pending,
-/// unexpired claim of `KEYS[1]`, else returns 0 (lease lost).
+/// unexpired claim of `KEYS[1]`, else returns 0 (lease lost). A claim
+/// without `exp` is unexpired while its key exists.
 const LUA_OWNER: &str = r"
 local key = KEYS[1]
 local h = redis.call('HMGET', key, 'st', 'tok', 'exp')
-if h[1] ~= 'p' or h[2] ~= ARGV[3] or not tonumber(h[3]) or tonumber(h[3]) <= now then
+if h[1] ~= 'p' or h[2] ~= ARGV[3] or (h[3] and not (tonumber(h[3]) and tonumber(h[3]) > now)) then
   if not h[1] and redis.call('EXISTS', key) == 1 then return -1 end
   return 0
 end
@@ -319,10 +333,9 @@ impl IdempotencyStore for RedisIdempotencyStore {
         cmd.arg(&redis_key)
             .arg(fingerprint.as_bytes())
             .arg(token.to_string())
-            .arg(lease_us)
             .arg(lease_us.div_ceil(1000) + self.margin_ms());
         if let Some(clock) = &self.clock_override {
-            cmd.arg(clock.now().as_micros());
+            cmd.arg(clock.now().as_micros()).arg(lease_us);
         }
         let reply = self
             .client

@@ -55,6 +55,93 @@ mod cluster_rate_limit {
     });
 }
 
+/// Without a test clock a claim of a new key writes no `exp`: its lease
+/// lasts as long as its key (the idempotency module docs). The suite above
+/// drives time with a clock override, so this case checks that path on
+/// Redis's own clock: in-progress time left, extend, complete, release,
+/// and expiry, on a standalone server and on a Cluster.
+#[tokio::test]
+async fn claims_on_the_redis_clock() {
+    use reliability_core::{Claim, Error, Fingerprint, IdempotencyStore};
+    use std::time::{Duration, Instant};
+
+    for cfg in [STANDALONE.config(), CLUSTER.config()] {
+        let client = reliability_redis::RedisClient::connect(&cfg, common::fresh_key_space("rc"))
+            .await
+            .expect("connect");
+        let store = RedisIdempotencyStore::new(client);
+        let fp = Fingerprint::of(b"payload");
+        let short = Duration::from_millis(300);
+
+        let Ok(Claim::Acquired(lease)) = store.claim("a", &fp, short).await else {
+            panic!("first claim acquires");
+        };
+        match store.claim("a", &fp, short).await {
+            Ok(Claim::InProgress { retry_after }) => assert!(
+                retry_after > Duration::ZERO && retry_after <= short,
+                "{retry_after:?} left of {short:?}"
+            ),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            store.claim("a", &Fingerprint::of(b"other"), short).await,
+            Ok(Claim::Mismatch)
+        ));
+        store
+            .extend(&lease, Duration::from_secs(60))
+            .await
+            .expect("extend");
+        match store.claim("a", &fp, short).await {
+            Ok(Claim::InProgress { retry_after }) => assert!(
+                retry_after > Duration::from_secs(59),
+                "extended to 60 s, {retry_after:?} left"
+            ),
+            other => panic!("{other:?}"),
+        }
+        store
+            .complete(&lease, Some("done".into()), Duration::from_secs(60))
+            .await
+            .expect("complete");
+        match store.claim("a", &fp, short).await {
+            Ok(Claim::Completed(Some(r))) => assert_eq!(&r[..], b"done"),
+            other => panic!("{other:?}"),
+        }
+
+        let Ok(Claim::Acquired(lease)) = store.claim("b", &fp, short).await else {
+            panic!("claim b");
+        };
+        store.release(&lease).await.expect("release");
+        let Ok(Claim::Acquired(first)) = store.claim("b", &fp, short).await else {
+            panic!("claim b after release");
+        };
+        // The lease ends with the key: someone else acquires within a
+        // deadline, and the first holder has lost it.
+        let end = Instant::now() + Duration::from_secs(10);
+        let second = loop {
+            match store.claim("b", &fp, short).await {
+                Ok(Claim::Acquired(l)) => break l,
+                Ok(Claim::InProgress { .. }) => {
+                    assert!(Instant::now() < end, "the lease never expired");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                other => panic!("{other:?}"),
+            }
+        };
+        assert!(matches!(
+            store.complete(&first, None, short).await,
+            Err(Error::LeaseLost { .. })
+        ));
+        assert!(matches!(
+            store.extend(&first, short).await,
+            Err(Error::LeaseLost { .. })
+        ));
+        store
+            .complete(&second, None, short)
+            .await
+            .expect("complete");
+    }
+}
+
 /// Wrong credentials behind Sentinel (for the data nodes, or for the
 /// sentinels themselves) and on a Cluster: a clear error that is not an
 /// outage, with no password in it.
