@@ -76,13 +76,20 @@
 //! enqueue frames take less than
 //! [`DiskSpoolConfig::relocate_below_percent`] of its bytes (default 25 %),
 //! or when the segments hold more than twice the bytes of all records'
-//! enqueue frames plus two segments. The segment, now unpinned, is deleted
-//! as above: after the sync of the relocated frames, then the directory.
-//! A replay reads a second enqueue frame for an id as a move: the newest
-//! copy and the frames after it win. Relocation runs on the writer thread
-//! in steps of at most 1 MiB of records, queued behind the calls already
-//! waiting; [`DiskSpool::relocated_total`] counts the records moved. The
-//! details and the durability order are in the `relocate` module.
+//! enqueue frames plus two segments (so the files stay within about twice
+//! the records' bytes plus two segments, and cleaning writes no more than
+//! it frees). Relocation runs on the writer thread in steps of at most
+//! 1 MiB of records, queued behind the calls already waiting (so a state
+//! change made after a step is logged after it);
+//! [`DiskSpool::relocated_total`] counts the records moved.
+//!
+//! Durability order: the relocated frames are written; the records point
+//! at them; the old segment, now unpinned, is deleted as above — after the
+//! active segment holding the relocated frames is synced, then the
+//! directory. A crash before the deletion leaves both copies: a replay
+//! reads a second enqueue frame for an id as a move, the newest copy and
+//! the frames after it win (no duplicate, and an ack after the copy still
+//! deletes the record); a torn copy is quarantined and the old one stays.
 //!
 //! # Corruption
 //!

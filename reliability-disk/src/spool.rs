@@ -90,10 +90,11 @@ pub struct DiskSpoolConfig {
     /// When the enqueue frames of the records still in the oldest sealed
     /// segment take less than this share (percent) of its bytes, they are
     /// rewritten at the head of the log so that the segment can be deleted
-    /// (see the crate docs, Compaction); default 25. 0 leaves only the
-    /// rule that relocates when the log holds more than twice its records'
-    /// bytes; 100 relocates the oldest sealed segment whenever it holds
-    /// records (tests use it to relocate often).
+    /// (see the crate docs, Relocation); default 25, at most 100. 0 leaves
+    /// only the rule that relocates when the log holds more than twice its
+    /// records' bytes; 100 relocates the oldest sealed segment whenever it
+    /// holds records, which rewrites a backlog again and again (tests use
+    /// it to relocate often).
     pub relocate_below_percent: u8,
 }
 
