@@ -42,8 +42,10 @@
 //! writes them. On a current-thread runtime they do (~13 requests per
 //! `writev` at 64 tasks). On a multi-thread runtime tokio's LIFO slot runs
 //! the connection's task right after each call's send, so it writes one
-//! request per `writev` (strace: 16 k `writev` for 13 k claims) and the
-//! same bench reaches 0.8-1.1x `redis-benchmark` instead of 1.4-1.6x.
+//! request per `writev` (strace: 16 k `writev` for 13 k claims): with the
+//! claim script's server cost now the bottleneck, the bench's
+//! multi-thread row gives 1.1-2.1x `redis-benchmark` against 1.8-1.9x on
+//! the current-thread runtime (five runs, load ~2).
 //!
 //! `WAIT` blocks the connection it is sent on, so it never runs on the
 //! shared connection: [`invoke_replicated`](RedisClient::invoke_replicated)
