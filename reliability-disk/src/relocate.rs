@@ -278,9 +278,34 @@ impl Writer {
     /// Takes one step of relocation, if one is due: its request goes to
     /// `carry` behind every command queued before it (see the module docs).
     pub(crate) fn relocate_step(&mut self, rx: &Receiver<Cmd>, carry: &mut VecDeque<Cmd>) {
-        if self.reloc.in_flight || (self.reloc.plan.is_empty() && !self.plan()) {
+        if self.reloc.in_flight {
             return;
         }
+        loop {
+            if self.reloc.plan.is_empty() && !self.plan() {
+                return;
+            }
+            let seg = self.reloc.plan.front().map(|(_, loc)| loc.seg);
+            if seg
+                .and_then(|s| self.counts.get(&s))
+                .is_none_or(|pin| pin.records == 0)
+            {
+                // Everything left in it was acked or purged meanwhile (and
+                // the segment may be deleted already).
+                self.reloc.plan.clear();
+                return;
+            }
+            let read = self.read_step();
+            if self.queue_step(read, rx, carry) {
+                return;
+            }
+        }
+    }
+
+    /// Reads the enqueue frames of the next step of the plan (no lock: a
+    /// frame never changes once written, and the segment is deleted on
+    /// this thread only).
+    fn read_step(&mut self) -> Vec<(RecordId, Loc, Bytes)> {
         let mut read = Vec::new();
         let mut bytes = 0u64;
         while bytes < STEP_BYTES {
@@ -296,9 +321,22 @@ impl Writer {
                 }
             }
         }
+        read
+    }
+
+    /// Under the state lock, encodes the current state of the records read
+    /// that are still where they were read and queues it behind what
+    /// callers queued before; says whether it queued anything.
+    fn queue_step(
+        &mut self,
+        read: Vec<(RecordId, Loc, Bytes)>,
+        rx: &Receiver<Cmd>,
+        carry: &mut VecDeque<Cmd>,
+    ) -> bool {
         let state = self.state.clone();
         let st = state.lock().unwrap_or_else(PoisonError::into_inner);
-        let mut out = Vec::with_capacity(bytes as usize + 128 * read.len());
+        let size = read.iter().map(|(_, loc, _)| loc.len as usize + 128).sum();
+        let mut out = Vec::with_capacity(size);
         let mut moves = Vec::with_capacity(read.len());
         for (id, from, payload) in read {
             let rel = out.len() as u64;
@@ -307,7 +345,7 @@ impl Writer {
             }
         }
         if moves.is_empty() {
-            return;
+            return false;
         }
         // Log order is state-change order: what callers queued before this
         // lock is written first, changes made after it come after.
@@ -323,5 +361,6 @@ impl Writer {
         }));
         self.reloc.in_flight = true;
         drop(st);
+        true
     }
 }
