@@ -705,11 +705,16 @@ impl DiskSpool {
         .detail(format!("record {id} unreadable at runtime: {why}"));
         let _ = q.bytes(&mut Vec::new(), finding, &bytes);
         let mut st = self.state();
+        st.quarantined_total += 1;
+        if st.index.loc_of(id) != Some(loc) {
+            // Acked or relocated while its bytes went to quarantine: the
+            // ack below would unpin the wrong segment.
+            return;
+        }
         let removed = match st.index.take_live(id) {
             Some(l) => Some(l.payload_len),
             None => st.index.remove_dead(id).map(|d| d.payload_len),
         };
-        st.quarantined_total += 1;
         if let Some(len) = removed {
             st.index.bytes -= u64::from(len);
             let mut f = Frames::default();

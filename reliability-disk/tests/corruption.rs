@@ -318,3 +318,39 @@ async fn a_second_open_of_the_same_directory_is_refused_by_name() {
         .await
         .expect("close");
 }
+
+/// A frame that rots while the spool is open: `lease` cannot read it back,
+/// moves its bytes to quarantine, counts it and drops the record (an ack
+/// frame records that, so it does not come back); the other records are
+/// delivered.
+#[tokio::test]
+async fn a_frame_rotting_while_open_is_quarantined_at_lease() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    let spool = open(dir, 1 << 20).await;
+    for id in ["a", "b", "c"] {
+        spool.enqueue(vec![rec(id)]).await.expect("enqueue");
+    }
+    let path = segment(dir, 1);
+    let mut bytes = fs::read(&path).expect("read segment");
+    let at = find(&bytes, b"payload of b");
+    bytes[at] ^= 0xff;
+    let f = OpenOptions::new().write(true).open(&path).expect("open");
+    std::os::unix::fs::FileExt::write_all_at(&f, &bytes[at..=at], at as u64).expect("rot");
+    drop(f);
+    assert_eq!(due_ids(&spool).await, ["a", "c"]);
+    let stats = spool.stats().await.expect("stats");
+    assert_eq!(stats.quarantined_total, 1);
+    assert_eq!(stats.ready + stats.delayed + stats.leased, 2);
+    spool.close().await.expect("close");
+    assert!(
+        quarantine_items(dir)
+            .iter()
+            .any(|n| n.starts_with("00000001.log@")),
+        "{:?}",
+        quarantine_items(dir)
+    );
+    let spool = open(dir, 1 << 20).await;
+    assert_eq!(due_ids(&spool).await, ["a", "c"], "b does not come back");
+    spool.close().await.expect("close");
+}
