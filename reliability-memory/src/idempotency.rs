@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use bytes::Bytes;
 use moka::ops::compute::Op;
+use moka::policy::EvictionPolicy;
 use moka::sync::Cache;
 use moka::Expiry;
 use reliability_core::idempotency::{
@@ -146,10 +147,13 @@ impl Expiry<String, Entry> for EntryExpiry {
 /// # Bounds
 ///
 /// The cache holds at most [`max_entries`](MemoryIdempotencyStoreBuilder::max_entries)
-/// entries (default [`DEFAULT_MAX_ENTRIES`]). At capacity moka's TinyLFU
-/// admission policy may evict entries — even live pending or completed ones —
+/// entries (default [`DEFAULT_MAX_ENTRIES`]). At capacity the least recently
+/// used entries go first (moka's LRU policy), pending or completed alike,
 /// which weakens deduplication for the evicted keys: size the cap above the
-/// number of keys live within the longest retention. moka applies its
+/// number of keys live within the longest retention. The latest claims —
+/// those a retried delivery comes back for — are the last to go; under
+/// moka's default TinyLFU admission a key seen once lost to the keys already
+/// held, so at capacity the newest claims were the ones not kept. moka applies its
 /// eviction policy in batches, so the entry count can briefly exceed the cap
 /// (moka#231).
 ///
@@ -383,6 +387,7 @@ impl MemoryIdempotencyStoreBuilder {
         let cache = Cache::builder()
             .max_capacity(self.max_entries)
             .initial_capacity(usize::try_from(self.max_entries.min(PRESIZE_MAX)).unwrap_or(0))
+            .eviction_policy(EvictionPolicy::lru())
             .expire_after(EntryExpiry {
                 clock: clock.clone(),
             })

@@ -1,7 +1,7 @@
 //! What the conformance suite (run in `conformance.rs`) does not cover for
 //! `MemoryIdempotencyStore`: 1,000 concurrent claimers of one key, the stale
-//! lease of issue 2's acceptance list on both clocks, defaults, and moka's
-//! physical expiry on the real clock.
+//! lease of issue 2's acceptance list on both clocks, defaults, moka's
+//! physical expiry on the real clock, and which keys go at capacity.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -157,4 +157,45 @@ async fn real_clock_complete_outlives_the_lease() {
         s.claim("rt-pending", &fp("a"), LEASE).await.unwrap(),
         Claim::Acquired(_)
     ));
+}
+
+/// At capacity the store forgets the least recently used keys first: the
+/// claims just made (the ones a retried delivery comes back for) stay
+/// deduplicated. Under moka's default TinyLFU admission a key seen once
+/// lost to the keys already held, so a fresh claim at capacity was often
+/// not kept at all (here all 100 latest claims were acquired again).
+#[tokio::test]
+async fn at_capacity_the_latest_claims_are_kept() {
+    const CAP: u64 = 1_000;
+    let store = MemoryIdempotencyStore::builder().max_entries(CAP).build();
+    for i in 0..6 * CAP {
+        let claim = store
+            .claim(&format!("k{i}"), &fp("x"), LEASE)
+            .await
+            .unwrap();
+        assert!(matches!(claim, Claim::Acquired(_)), "k{i}: {claim:?}");
+    }
+    // moka applies evictions in batches, on later calls: give it some (a
+    // tenth of the cap, so the keys checked stay among the latest).
+    for i in 0..CAP / 10 {
+        let claim = store.claim(&format!("other{i}"), &fp("x"), LEASE).await;
+        assert!(
+            matches!(claim, Ok(Claim::Acquired(_))),
+            "other{i}: {claim:?}"
+        );
+    }
+    let mut acquired_again = Vec::new();
+    for i in 6 * CAP - 100..6 * CAP {
+        let key = format!("k{i}");
+        match store.claim(&key, &fp("x"), LEASE).await.unwrap() {
+            Claim::InProgress { .. } => {}
+            other => acquired_again.push((key, format!("{other:?}"))),
+        }
+    }
+    assert!(
+        acquired_again.is_empty(),
+        "{} of the 100 latest pending claims forgotten at capacity, e.g. {:?}",
+        acquired_again.len(),
+        acquired_again.first()
+    );
 }
