@@ -317,7 +317,10 @@ fn main() {
             latencies: Vec::new(),
         })
         .collect();
+    // Records/s of each measurement in each turn, for the spread.
+    let mut turns: Vec<Vec<f64>> = Vec::new();
     for r in 0..rounds {
+        let mut turn = vec![f64::NAN; rows.len()];
         // Each turn starts one measurement further down the list, so none
         // always runs right after the same neighbour.
         for k in 0..rows.len() {
@@ -337,8 +340,10 @@ fn main() {
                 "64grow" => rt.block_on(disk_spool(dir, 64, false, slice)),
                 _ => queue_file(&dir, slice),
             };
+            turn[i] = m.rate();
             got[i].merge(m);
         }
+        turns.push(turn);
     }
     let median = |key: &str| {
         rows.iter()
@@ -433,6 +438,31 @@ fn main() {
         };
         let wanted = want.map_or_else(|| "-".to_string(), |w| format!(">= {w}"));
         println!("{what:46} {value:>11.2}{unit:1} {wanted:>10}{unit:1}  {verdict}");
+    }
+    // The same ratios turn by turn: how much the machine moved meanwhile.
+    let at = |key: &str| rows.iter().position(|(k, _)| *k == key);
+    let pairs = [
+        ("1 / raw", at("1"), at("raw")),
+        ("floor / raw", at("rawthread"), at("raw")),
+        ("1 / floor", at("1"), at("rawthread")),
+        ("64 / queue-file", at("64"), at("qf")),
+    ];
+    println!();
+    print!("turn");
+    for (name, _, _) in &pairs {
+        print!(" {name:>16}");
+    }
+    println!();
+    for (r, turn) in turns.iter().enumerate() {
+        print!("{r:>4}");
+        for (_, a, b) in &pairs {
+            let v = match (a, b) {
+                (Some(a), Some(b)) => turn[*a] / turn[*b],
+                _ => f64::NAN,
+            };
+            print!(" {:>15.2}x", v);
+        }
+        println!();
     }
     if missed {
         std::process::exit(1);
