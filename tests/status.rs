@@ -206,3 +206,47 @@ async fn watchers_are_woken_on_change_only() {
     assert!(rx.has_changed().unwrap());
     assert_eq!(rx.borrow_and_update().overall, Overall::Unhealthy);
 }
+
+/// Quarantined corrupt data shows in the status (only when there is some)
+/// and raises the spool's alert.
+#[test]
+fn quarantined_items_show_and_alert() {
+    let mut stats = SpoolStats::default();
+    stats.ready = 1;
+    let clean = SpoolHealth::from_stats(&stats, 100);
+    assert!(!clean.alert);
+    let yaml = serde_norway::to_string(&clean).unwrap();
+    assert!(!yaml.contains("quarantined"), "{yaml}");
+
+    stats.quarantined_total = 2;
+    let found = SpoolHealth::from_stats(&stats, 100);
+    assert_eq!(found.quarantined, 2);
+    assert!(found.alert, "corrupt data needs an operator");
+    let yaml = serde_norway::to_string(&found).unwrap();
+    assert!(yaml.contains("quarantined: 2"), "{yaml}");
+}
+
+/// End to end: a disk spool opened over a directory holding a garbage
+/// segment reports it through `refresh_status`.
+#[cfg(feature = "disk")]
+#[tokio::test]
+async fn a_disk_spool_reports_quarantined_files_in_the_status() {
+    use reliability::config::DiskConfig;
+
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("segments")).unwrap();
+    std::fs::write(
+        dir.path().join("segments").join("00000009.log"),
+        vec![0xAB; 4096],
+    )
+    .unwrap();
+    let mut cfg = ReliabilityConfig::baseline();
+    cfg.spool = Some(SpoolBackend::Disk);
+    cfg.disk = Some(DiskConfig::new(dir.path()));
+    let r = reliability::Reliability::from_config(&cfg).await.unwrap();
+    r.refresh_status().await.unwrap();
+    let spool = r.status().current().spool.expect("a spool");
+    assert_eq!(spool.quarantined, 1, "{spool:?}");
+    assert!(spool.alert);
+    assert!(dir.path().join("quarantine").exists());
+}

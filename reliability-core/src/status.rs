@@ -423,9 +423,22 @@ pub struct SpoolHealth {
     pub leased: u64,
     /// In the dead-letter queue.
     pub dead: u64,
+    /// Corrupt items the spool found and moved to its quarantine since it
+    /// was opened (durable backends); shown only when there are some.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub quarantined: u64,
     /// `depth` is above `spoolLimits.alertDepth`, or records are dead (they
-    /// are never delivered without an operator).
+    /// are never delivered without an operator), or corrupt data was
+    /// quarantined (an operator should look at it: `examples/spool_fsck.rs`).
     pub alert: bool,
+}
+
+#[allow(
+    clippy::trivially_copy_pass_by_ref,
+    reason = "serde's skip_serializing_if signature"
+)]
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 impl SpoolHealth {
@@ -438,7 +451,8 @@ impl SpoolHealth {
             delayed: stats.delayed,
             leased: stats.leased,
             dead: stats.dead,
-            alert: depth > alert_depth || stats.dead > 0,
+            quarantined: stats.quarantined_total,
+            alert: depth > alert_depth || stats.dead > 0 || stats.quarantined_total > 0,
         }
     }
 }
