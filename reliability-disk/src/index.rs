@@ -24,7 +24,10 @@ pub(crate) struct Live {
     pub(crate) attempts: u32,
     pub(crate) enqueued_at: Timestamp,
     pub(crate) due_at: Timestamp,
-    pub(crate) lease: Option<(LeaseToken, Timestamp)>,
+    /// The lease holding it: token and end. Boxed: most records are not
+    /// leased, and inline the token's 16-byte alignment made every entry
+    /// of the index 112 bytes instead of 64.
+    pub(crate) lease: Option<Box<(LeaseToken, Timestamp)>>,
     pub(crate) seq: u64,
     /// Indexed in `ready`, not `waiting`.
     pub(crate) ready: bool,
@@ -34,7 +37,9 @@ impl Live {
     /// Its key in the waiting index: the lease end while leased, else the
     /// due time.
     fn due_key(&self) -> Timestamp {
-        self.lease.map_or(self.due_at, |(_, until)| until)
+        self.lease
+            .as_deref()
+            .map_or(self.due_at, |&(_, until)| until)
     }
 }
 
@@ -141,7 +146,7 @@ impl Index {
         token: LeaseToken,
     ) -> Result<Live, NotOwner> {
         match self.live.get(id) {
-            Some(l) if matches!(l.lease, Some((t, _)) if t == token) => {}
+            Some(l) if matches!(l.lease.as_deref(), Some((t, _)) if *t == token) => {}
             Some(_) => return Err(NotOwner::Lost),
             None if self.dead_ids.contains_key(id) => return Err(NotOwner::Lost),
             None => return Err(NotOwner::Gone),
@@ -225,7 +230,7 @@ impl Index {
                 attempts,
             } => {
                 if let Some(mut l) = self.take_live(id) {
-                    l.lease = Some((*token, *lease_until));
+                    l.lease = Some(Box::new((*token, *lease_until)));
                     l.attempts = *attempts;
                     self.insert_live(id.clone(), l);
                 }
@@ -248,8 +253,8 @@ impl Index {
                 lease_until,
             } => {
                 if let Some(mut l) = self.take_live(id) {
-                    if matches!(l.lease, Some((t, _)) if t == *token) {
-                        l.lease = Some((*token, *lease_until));
+                    if matches!(l.lease.as_deref(), Some((t, _)) if t == token) {
+                        l.lease = Some(Box::new((*token, *lease_until)));
                     }
                     self.insert_live(id.clone(), l);
                 }
@@ -336,5 +341,21 @@ impl Index {
         }
         *loc = to;
         true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Live;
+
+    /// The index holds one `Live` per record of the backlog: keep it small
+    /// (a boxed lease instead of an inline 16-byte-aligned token).
+    #[test]
+    fn a_live_record_stays_small() {
+        assert!(
+            std::mem::size_of::<Live>() <= 64,
+            "{} bytes",
+            std::mem::size_of::<Live>()
+        );
     }
 }

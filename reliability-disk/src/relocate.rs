@@ -185,12 +185,15 @@ fn restore(
             attempts: l.attempts,
             payload,
         };
-        let lease = l.lease.map(|(token, lease_until)| Entry::Lease {
-            id: id.clone(),
-            token,
-            lease_until,
-            attempts: l.attempts,
-        });
+        let lease = l
+            .lease
+            .as_deref()
+            .map(|&(token, lease_until)| Entry::Lease {
+                id: id.clone(),
+                token,
+                lease_until,
+                attempts: l.attempts,
+            });
         (enqueue, lease)
     } else {
         let d = index.dead_ids.get(id).filter(|d| d.loc == from)?;

@@ -851,7 +851,7 @@ impl Spool for DiskSpool {
                 }
                 let token = LeaseToken::generate();
                 live.attempts = live.attempts.saturating_add(1);
-                live.lease = Some((token, until));
+                live.lease = Some(Box::new((token, until)));
                 frames.push(&Entry::Lease {
                     id: id.clone(),
                     token,
@@ -956,7 +956,7 @@ impl Spool for DiskSpool {
                 .take_owned(token.id(), token.lease())
                 .map_err(|_| lost(token))?;
             let until = now.saturating_add(by);
-            live.lease = Some((token.lease(), until));
+            live.lease = Some(Box::new((token.lease(), until)));
             let mut f = Frames::default();
             f.push(&Entry::Extend {
                 id: token.id().clone(),
@@ -1085,8 +1085,8 @@ impl Spool for DiskSpool {
         let mut stats = SpoolStats::default();
         let mut oldest: Option<Timestamp> = None;
         for l in st.index.live.values() {
-            match l.lease {
-                Some((_, until)) if until > now => stats.leased += 1,
+            match l.lease.as_deref() {
+                Some(&(_, until)) if until > now => stats.leased += 1,
                 Some(_) => stats.ready += 1,
                 None if l.due_at > now => stats.delayed += 1,
                 None => stats.ready += 1,
