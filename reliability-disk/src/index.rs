@@ -70,6 +70,11 @@ pub(crate) struct Index {
     waiting: BTreeSet<(Timestamp, u64, RecordId)>,
     /// `(enqueued_at, seq, id)` of live records found due: oldest first.
     ready: BTreeSet<(Timestamp, u64, RecordId)>,
+    /// How many of `waiting` are leased (the others are delayed).
+    waiting_leased: u64,
+    /// `(enqueued_at, seq)` of every live record: the oldest one's age
+    /// without a walk over all records.
+    ages: BTreeSet<(Timestamp, u64)>,
     /// Dead records by the order they died.
     pub(crate) dead: BTreeMap<u64, RecordId>,
     pub(crate) dead_ids: HashMap<RecordId, Dead>,
@@ -101,6 +106,8 @@ impl Index {
     pub(crate) fn insert_live(&mut self, id: RecordId, mut live: Live) {
         live.ready = false;
         self.waiting.insert((live.due_key(), live.seq, id.clone()));
+        self.waiting_leased += u64::from(live.lease.is_some());
+        self.ages.insert((live.enqueued_at, live.seq));
         self.live.insert(id, live);
     }
 
@@ -111,7 +118,9 @@ impl Index {
             self.ready.remove(&(live.enqueued_at, live.seq, id.clone()));
         } else {
             self.waiting.remove(&(live.due_key(), live.seq, id.clone()));
+            self.waiting_leased -= u64::from(live.lease.is_some());
         }
+        self.ages.remove(&(live.enqueued_at, live.seq));
         Some(live)
     }
 
@@ -123,15 +132,33 @@ impl Index {
             };
             if let Some(live) = self.live.get_mut(&id) {
                 live.ready = true;
+                self.waiting_leased -= u64::from(live.lease.is_some());
                 self.ready.insert((live.enqueued_at, seq, id));
             }
         }
+    }
+
+    /// Live records at `now` as (ready, delayed, leased), and the oldest
+    /// one's `enqueued_at`, without a walk over the records: after
+    /// [`promote`](Self::promote), what is not due yet is waiting, leased
+    /// (lease not ended) or delayed; the rest is ready, including records
+    /// whose lease ended.
+    pub(crate) fn counts(&mut self, now: Timestamp) -> (u64, u64, u64, Option<Timestamp>) {
+        self.promote(now);
+        let waiting = self.waiting.len() as u64;
+        (
+            self.ready.len() as u64,
+            waiting - self.waiting_leased,
+            self.waiting_leased,
+            self.ages.first().map(|&(t, _)| t),
+        )
     }
 
     /// The oldest due record, taken out of the index.
     pub(crate) fn pop_ready(&mut self) -> Option<(RecordId, Live)> {
         while let Some((_, _, id)) = self.ready.pop_first() {
             if let Some(live) = self.live.remove(&id) {
+                self.ages.remove(&(live.enqueued_at, live.seq));
                 return Some((id, live));
             }
         }

@@ -1081,18 +1081,12 @@ impl Spool for DiskSpool {
 
     async fn stats(&self) -> Result<SpoolStats> {
         let now = self.clock.now();
-        let st = self.state();
+        let mut st = self.state();
         let mut stats = SpoolStats::default();
-        let mut oldest: Option<Timestamp> = None;
-        for l in st.index.live.values() {
-            match l.lease.as_deref() {
-                Some(&(_, until)) if until > now => stats.leased += 1,
-                Some(_) => stats.ready += 1,
-                None if l.due_at > now => stats.delayed += 1,
-                None => stats.ready += 1,
-            }
-            oldest = Some(oldest.map_or(l.enqueued_at, |o| o.min(l.enqueued_at)));
-        }
+        let (ready, delayed, leased, oldest) = st.index.counts(now);
+        stats.ready = ready;
+        stats.delayed = delayed;
+        stats.leased = leased;
         stats.dead = st.index.dead_ids.len() as u64;
         stats.oldest_age = oldest.map(|o| now.saturating_since(o));
         stats.bytes = st.index.bytes;
