@@ -93,6 +93,26 @@ impl<K: Hash + Eq, V> Sharded<K, V> {
         lock(&self.shards[i])
     }
 
+    /// Runs `f` on `key`'s value, if there is one.
+    fn update<Q>(&self, key: &Q, f: impl FnOnce(&mut V))
+    where
+        K: std::borrow::Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        if let Some(v) = self.shard(key).map.get_mut(key) {
+            f(v);
+        }
+    }
+
+    /// Removes `key`'s value.
+    fn remove<Q>(&self, key: &Q) -> Option<V>
+    where
+        K: std::borrow::Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        self.shard(key).map.remove(key)
+    }
+
     /// Every shard, locked one after the other.
     fn each(&self) -> impl Iterator<Item = MutexGuard<'_, Shard<K, V>>> {
         self.shards.iter().map(lock)
@@ -235,12 +255,12 @@ impl<P: IdempotencyStore, S: IdempotencyStore> Fallback<P, S> {
                     self.journal
                         .replayed
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    if let Some(e) = self.journal.entries.shard(&key).map.get_mut(&key) {
+                    self.journal.entries.update(&key, |e| {
                         e.replayed = true;
                         if e.state == EntryState::Pending {
                             e.primary = primary;
                         }
-                    }
+                    });
                 }
                 Ok(None) => {
                     report.conflicts += 1;
@@ -248,9 +268,7 @@ impl<P: IdempotencyStore, S: IdempotencyStore> Fallback<P, S> {
                         .conflicts
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     warn!(key = %key, "reconcile conflict: the primary already holds this key");
-                    if let Some(e) = self.journal.entries.shard(&key).map.get_mut(&key) {
-                        e.replayed = true;
-                    }
+                    self.journal.entries.update(&key, |e| e.replayed = true);
                 }
                 Err(e) if e.is_unavailable() => {
                     self.breaker.record_failure(&e);
@@ -261,9 +279,7 @@ impl<P: IdempotencyStore, S: IdempotencyStore> Fallback<P, S> {
                     // this entry (the secondary keeps honouring it).
                     warn!(key = %key, error = %e, "reconcile: the primary refused an entry");
                     report.conflicts += 1;
-                    if let Some(e) = self.journal.entries.shard(&key).map.get_mut(&key) {
-                        e.replayed = true;
-                    }
+                    self.journal.entries.update(&key, |e| e.replayed = true);
                 }
             }
         }
@@ -406,7 +422,7 @@ impl<P: IdempotencyStore, S: IdempotencyStore> Fallback<P, S> {
             },
             |e| e.expires_at > now,
         );
-        self.journal.primary_leases.shard(&token).map.remove(&token);
+        self.journal.primary_leases.remove(&token);
         Ok(())
     }
 }
@@ -428,7 +444,7 @@ impl<P: IdempotencyStore, S: IdempotencyStore> IdempotencyStore for Fallback<P, 
                 Claim::Acquired(l) => {
                     // The local entry ran out: forget it and ask the primary.
                     let _ = self.secondary.release(l).await;
-                    self.journal.entries.shard(key).map.remove(key);
+                    self.journal.entries.remove(key);
                 }
                 _ => return Ok(c),
             }
@@ -482,15 +498,9 @@ impl<P: IdempotencyStore, S: IdempotencyStore> IdempotencyStore for Fallback<P, 
                     .await
                     .is_ok()
                 {
-                    if let Some(e) = self
-                        .journal
+                    self.journal
                         .entries
-                        .shard(lease.key())
-                        .map
-                        .get_mut(lease.key())
-                    {
-                        e.replayed = true;
-                    }
+                        .update(lease.key(), |e| e.replayed = true);
                 }
             }
             return Ok(());
@@ -503,7 +513,7 @@ impl<P: IdempotencyStore, S: IdempotencyStore> IdempotencyStore for Fallback<P, 
             .await;
         if r.is_ok() {
             let token = lease.token();
-            self.journal.primary_leases.shard(&token).map.remove(&token);
+            self.journal.primary_leases.remove(&token);
         }
         r
     }
@@ -511,24 +521,14 @@ impl<P: IdempotencyStore, S: IdempotencyStore> IdempotencyStore for Fallback<P, 
     async fn release(&self, lease: &Lease) -> Result<()> {
         if let Some(entry) = self.local_entry(lease) {
             self.secondary.release(lease).await?;
-            self.journal
-                .entries
-                .shard(lease.key())
-                .map
-                .remove(lease.key());
+            self.journal.entries.remove(lease.key());
             if let Some(primary) = entry.primary {
                 let _ = self.primary.release(&primary).await;
             }
             return Ok(());
         }
         let token = lease.token();
-        let known = self
-            .journal
-            .primary_leases
-            .shard(&token)
-            .map
-            .remove(&token)
-            .is_some();
+        let known = self.journal.primary_leases.remove(&token).is_some();
         self.call(self.primary.release(lease), async {
             if known {
                 Ok(())
@@ -543,15 +543,10 @@ impl<P: IdempotencyStore, S: IdempotencyStore> IdempotencyStore for Fallback<P, 
         crate::idempotency::check_lease_duration("by", by)?;
         if let Some(entry) = self.local_entry(lease) {
             self.secondary.extend(lease, by).await?;
-            if let Some(e) = self
-                .journal
+            let expires_at = self.now().saturating_add(by);
+            self.journal
                 .entries
-                .shard(lease.key())
-                .map
-                .get_mut(lease.key())
-            {
-                e.expires_at = self.now().saturating_add(by);
-            }
+                .update(lease.key(), |e| e.expires_at = expires_at);
             if let Some(primary) = entry.primary {
                 let _ = self.primary.extend(&primary, by).await;
             }
