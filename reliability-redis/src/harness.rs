@@ -269,6 +269,23 @@ exit 0"#;
         }
     }
 
+    /// The TLS lines of this process's configuration, if it serves TLS.
+    fn tls_lines(&self, lines: &mut Vec<String>) {
+        let (Some(t), Some(tls_port)) = (&self.opts.tls, self.tls_port) else {
+            return;
+        };
+        lines.push(format!("tls-port {tls_port}"));
+        lines.push(format!("tls-cert-file {}", t.cert.display()));
+        lines.push(format!("tls-key-file {}", t.key.display()));
+        lines.push(format!("tls-ca-cert-file {}", t.ca.display()));
+        lines.push("tls-auth-clients no".to_string());
+        if matches!(self.role, Role::ClusterNode) {
+            // The bus speaks TLS too, and CLUSTER SLOTS asked over TLS
+            // answers the nodes' TLS ports.
+            lines.push("tls-cluster yes".to_string());
+        }
+    }
+
     fn write_config(&self) -> PathBuf {
         let d = self.dir.path();
         let mut lines = vec![
@@ -285,13 +302,7 @@ exit 0"#;
                 lines.push(format!("requirepass {p}"));
                 lines.push(format!("sentinel sentinel-pass {p}"));
             }
-            if let (Some(t), Some(tls_port)) = (&self.opts.tls, self.tls_port) {
-                lines.push(format!("tls-port {tls_port}"));
-                lines.push(format!("tls-cert-file {}", t.cert.display()));
-                lines.push(format!("tls-key-file {}", t.key.display()));
-                lines.push(format!("tls-ca-cert-file {}", t.ca.display()));
-                lines.push("tls-auth-clients no".to_string());
-            }
+            self.tls_lines(&mut lines);
             lines.extend(self.opts.extra_config.iter().cloned());
             lines.push(text.clone());
         } else {
@@ -312,18 +323,7 @@ exit 0"#;
                 }
                 _ => {}
             }
-            if let (Some(t), Some(tls_port)) = (&self.opts.tls, self.tls_port) {
-                lines.push(format!("tls-port {tls_port}"));
-                lines.push(format!("tls-cert-file {}", t.cert.display()));
-                lines.push(format!("tls-key-file {}", t.key.display()));
-                lines.push(format!("tls-ca-cert-file {}", t.ca.display()));
-                lines.push("tls-auth-clients no".to_string());
-                if matches!(self.role, Role::ClusterNode) {
-                    // The bus speaks TLS too, and CLUSTER SLOTS asked over
-                    // TLS answers the nodes' TLS ports.
-                    lines.push("tls-cluster yes".to_string());
-                }
-            }
+            self.tls_lines(&mut lines);
             match &self.role {
                 Role::Replica { master_port } => {
                     lines.push(format!("replicaof 127.0.0.1 {master_port}"));

@@ -151,17 +151,7 @@ async fn rediss_with_a_generated_certificate() {
     assert_refused_certificate(&err);
 
     // A CA that did not sign the server's certificate: refused the same way.
-    let other_dir = tempfile::tempdir().unwrap();
-    let other = make_certs(other_dir.path());
-    let mut wrong_ca = cfg.clone();
-    let mut tls = TlsConfig::default();
-    tls.ca_file = Some(other.ca.clone());
-    wrong_ca.tls = Some(tls);
-    let err = RedisClient::connect(&wrong_ca, fresh_key_space("tls"))
-        .await
-        .unwrap_err();
-    println!("tls: another CA -> {err}");
-    assert_refused_certificate(&err);
+    let (wrong_ca, _other_dir) = refused_with_another_ca(&cfg, "tls").await;
     // ... and so is every call of a lazily built client.
     let lazy = RedisClient::lazy(&wrong_ca, fresh_key_space("tls")).unwrap();
     let err = RedisRateLimiter::new(lazy)
@@ -169,6 +159,27 @@ async fn rediss_with_a_generated_certificate() {
         .await
         .unwrap_err();
     assert_refused_certificate(&err);
+}
+
+/// `cfg` trusting a freshly made CA that did not sign the server's
+/// certificate: connecting is refused as a TLS error. Returns that config
+/// (and the CA's directory, which must outlive it).
+async fn refused_with_another_ca(
+    cfg: &RedisConfig,
+    space: &str,
+) -> (RedisConfig, tempfile::TempDir) {
+    let other_dir = tempfile::tempdir().unwrap();
+    let other = make_certs(other_dir.path());
+    let mut wrong_ca = cfg.clone();
+    let mut tls = TlsConfig::default();
+    tls.ca_file = Some(other.ca.clone());
+    wrong_ca.tls = Some(tls);
+    let err = RedisClient::connect(&wrong_ca, fresh_key_space(space))
+        .await
+        .unwrap_err();
+    println!("{space}: another CA -> {err}");
+    assert_refused_certificate(&err);
+    (wrong_ca, other_dir)
 }
 
 fn assert_refused_certificate(err: &Error) {
@@ -351,17 +362,7 @@ async fn rediss_cluster() {
     println!("tls cluster: 30 claims and checks over {urls:?}");
 
     // Another CA: refused, clearly.
-    let other_dir = tempfile::tempdir().unwrap();
-    let other = make_certs(other_dir.path());
-    let mut wrong_ca = cfg.clone();
-    let mut tls = TlsConfig::default();
-    tls.ca_file = Some(other.ca.clone());
-    wrong_ca.tls = Some(tls);
-    let err = RedisClient::connect(&wrong_ca, fresh_key_space("tlsc"))
-        .await
-        .unwrap_err();
-    println!("tls cluster: another CA -> {err}");
-    assert_refused_certificate(&err);
+    refused_with_another_ca(&cfg, "tlsc").await;
 
     // One scheme for all nodes.
     let mut mixed = cfg.clone();
@@ -428,15 +429,5 @@ async fn rediss_sentinel() {
     println!("tls sentinel: claim through {urls:?}, master on TLS port {master}");
 
     // Another CA: refused, clearly.
-    let other_dir = tempfile::tempdir().unwrap();
-    let other = make_certs(other_dir.path());
-    let mut wrong_ca = cfg.clone();
-    let mut tls = TlsConfig::default();
-    tls.ca_file = Some(other.ca.clone());
-    wrong_ca.tls = Some(tls);
-    let err = RedisClient::connect(&wrong_ca, fresh_key_space("tlss"))
-        .await
-        .unwrap_err();
-    println!("tls sentinel: another CA -> {err}");
-    assert_refused_certificate(&err);
+    refused_with_another_ca(&cfg, "tlss").await;
 }
