@@ -181,7 +181,8 @@ pub fn inspect(dir: &Path) -> Result<InspectReport> {
             io::Error::from(io::ErrorKind::NotFound),
         ));
     }
-    let rec = recover(dir, false).map_err(|e| io_error("cannot read the spool", dir, e))?;
+    let rec = recover(&crate::fsio::real(), dir, false)
+        .map_err(|e| io_error("cannot read the spool", dir, e))?;
     let per_seg = rec.index.pins_per_segment();
     let segments = rec
         .segments
@@ -228,7 +229,8 @@ pub fn repair(dir: &Path) -> Result<RepairReport> {
         ));
     }
     let lock = lock_dir(dir)?;
-    let rec = recover(dir, true).map_err(|e| io_error("cannot repair the spool", dir, e))?;
+    let rec = recover(&crate::fsio::real(), dir, true)
+        .map_err(|e| io_error("cannot repair the spool", dir, e))?;
     let _ = fs4::FileExt::unlock(&lock);
     Ok(RepairReport {
         quarantined: rec.findings,

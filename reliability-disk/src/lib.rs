@@ -106,6 +106,7 @@
 
 pub mod codec;
 mod fsck;
+mod fsio;
 mod index;
 mod recover;
 mod relocate;
@@ -116,6 +117,8 @@ pub use fsck::{
     inspect, repair, Finding, FindingKind, InspectReport, QuarantinedItem, RepairReport,
     SegmentReport,
 };
+#[doc(hidden)]
+pub use fsio::faults;
 pub use spool::{
     DiskSpool, DiskSpoolBuilder, DiskSpoolConfig, FsyncMode, DEFAULT_PREALLOCATE_BYTES,
     DEFAULT_RELOCATE_BELOW_PERCENT, DEFAULT_SEGMENT_MAX_BYTES,

@@ -4,14 +4,14 @@
 //! and [`repair`](crate::repair).
 
 use std::collections::BTreeMap;
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
-use std::os::unix::fs::FileExt as _;
+use std::fs::{self, File};
+use std::io;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::codec::{self, Entry, MIN_FRAME};
 use crate::fsck::{Finding, FindingKind};
+use crate::fsio::{Open, SharedFs};
 use crate::index::{Index, Loc};
 
 /// The magic at the start of every segment.
@@ -47,11 +47,6 @@ pub(crate) fn segment_header(n: u32) -> [u8; SEG_HEADER_LEN as usize] {
     h[8..12].copy_from_slice(&VERSION.to_le_bytes());
     h[12..16].copy_from_slice(&n.to_le_bytes());
     h
-}
-
-/// Syncs a directory (after creating, renaming or deleting in it).
-pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
-    File::open(dir)?.sync_all()
 }
 
 /// Parses `NNNNNNNN.log`.
@@ -111,15 +106,19 @@ pub(crate) const PAD_GRID: u64 = 512;
 /// are truncated, bad frames padded over, garbage files moved, gaps
 /// recorded) so that the next replay finds nothing; without, nothing is
 /// changed and the findings are only reported.
-pub(crate) fn recover(dir: &Path, fix: bool) -> io::Result<Recovery> {
+pub(crate) fn recover(vfs: &SharedFs, dir: &Path, fix: bool) -> io::Result<Recovery> {
     let seg_dir = segments_dir(dir);
     let q_dir = quarantine_dir(dir);
     if fix {
-        fs::create_dir_all(&seg_dir)?;
-        fs::create_dir_all(&q_dir)?;
+        vfs.create_dir(&seg_dir)?;
+        vfs.create_dir(&q_dir)?;
     }
     let mut rec = Recovery::default();
-    let q = Quarantine { dir: q_dir, fix };
+    let q = Quarantine {
+        dir: q_dir,
+        fix,
+        fs: vfs.clone(),
+    };
 
     // 1. List: segment files by number, everything else is garbage.
     let mut numbered: BTreeMap<u32, u64> = BTreeMap::new();
@@ -165,10 +164,10 @@ pub(crate) fn recover(dir: &Path, fix: bool) -> io::Result<Recovery> {
                     )?;
                 }
                 if fix {
-                    let mut f = OpenOptions::new().write(true).open(&path)?;
+                    let f = vfs.open(&path, Open::Write)?;
                     f.set_len(0)?;
-                    f.write_all(&segment_header(n))?;
-                    f.sync_all()?;
+                    vfs.write_at(&f, &segment_header(n), 0)?;
+                    vfs.sync(&f, true)?;
                 }
                 valid.push(n);
             } else {
@@ -183,7 +182,7 @@ pub(crate) fn recover(dir: &Path, fix: bool) -> io::Result<Recovery> {
             continue;
         }
         let mut h = [0u8; SEG_HEADER_LEN as usize];
-        File::open(&path)?.read_exact_at(&mut h, 0)?;
+        vfs.read_at(&vfs.open(&path, Open::Read)?, &mut h, 0)?;
         if h != segment_header(n) {
             garbage.push((
                 path,
@@ -279,6 +278,7 @@ type Decoded = Result<Option<(Entry, usize, Option<codec::PayloadSpan>)>, codec:
 
 /// Reads a segment through a read-ahead window.
 struct Window {
+    fs: SharedFs,
     file: File,
     len: u64,
     buf: Vec<u8>,
@@ -293,7 +293,7 @@ impl Window {
         if off < self.start || want_end > have_end {
             let n = (self.len - off.min(self.len)).min(min.max(CHUNK) as u64) as usize;
             self.buf.resize(n, 0);
-            self.file.read_exact_at(&mut self.buf, off)?;
+            self.fs.read_at(&self.file, &mut self.buf, off)?;
             self.start = off;
         }
         let from = (off - self.start) as usize;
@@ -357,7 +357,7 @@ impl Window {
 
     fn bytes(&mut self, off: u64, n: u64) -> io::Result<Vec<u8>> {
         let mut v = vec![0u8; n as usize];
-        self.file.read_exact_at(&mut v, off)?;
+        self.fs.read_at(&self.file, &mut v, off)?;
         Ok(v)
     }
 }
@@ -373,13 +373,11 @@ fn scan_segment(
     rec: &mut Recovery,
     is_last: bool,
 ) -> io::Result<(u64, u64, Tail)> {
-    let file = if q.fix {
-        OpenOptions::new().read(true).write(true).open(path)?
-    } else {
-        File::open(path)?
-    };
+    let file =
+        q.fs.open(path, if q.fix { Open::ReadWrite } else { Open::Read })?;
     let len = file.metadata()?.len();
     let mut w = Window {
+        fs: q.fs.clone(),
         file,
         len,
         buf: Vec::new(),
@@ -440,8 +438,8 @@ fn scan_segment(
                 tail.on_grid = false;
                 if q.fix {
                     let pad = codec::pad_frame((next - off) as usize);
-                    w.file.write_all_at(&pad, off)?;
-                    w.file.sync_data()?;
+                    q.fs.write_at(&w.file, &pad, off)?;
+                    q.fs.sync(&w.file, false)?;
                     w.buf.clear();
                 }
                 off = next;
@@ -468,7 +466,7 @@ fn scan_segment(
 fn truncate(q: &Quarantine, w: &mut Window, off: u64) -> io::Result<()> {
     if q.fix {
         w.file.set_len(off)?;
-        w.file.sync_all()?;
+        q.fs.sync(&w.file, true)?;
         w.len = off;
         w.buf.clear();
     }
@@ -479,6 +477,7 @@ fn truncate(q: &Quarantine, w: &mut Window, off: u64) -> io::Result<()> {
 pub(crate) struct Quarantine {
     pub(crate) dir: PathBuf,
     pub(crate) fix: bool,
+    pub(crate) fs: SharedFs,
 }
 
 impl Quarantine {
@@ -509,9 +508,10 @@ impl Quarantine {
 
     fn write_reason(&self, stem: &str, f: &Finding) -> io::Result<()> {
         let path = self.dir.join(format!("{stem}.reason"));
-        let mut file = File::create(path)?;
-        file.write_all(Self::reason_text(f).as_bytes())?;
-        file.sync_all()
+        let file = self.fs.open(&path, Open::Create)?;
+        self.fs
+            .write_at(&file, Self::reason_text(f).as_bytes(), 0)?;
+        self.fs.sync(&file, true)
     }
 
     fn log(f: &Finding) {
@@ -536,11 +536,13 @@ impl Quarantine {
                 f.offset
             );
             let stem = self.stem(&base);
-            let mut file = File::create(self.dir.join(format!("{stem}.bin")))?;
-            file.write_all(bytes)?;
-            file.sync_all()?;
+            let file = self
+                .fs
+                .open(&self.dir.join(format!("{stem}.bin")), Open::Create)?;
+            self.fs.write_at(&file, bytes, 0)?;
+            self.fs.sync(&file, true)?;
             self.write_reason(&stem, &f)?;
-            sync_dir(&self.dir)?;
+            self.fs.sync_dir(&self.dir)?;
             Self::log(&f);
         }
         out.push(f);
@@ -551,11 +553,11 @@ impl Quarantine {
     fn file(&self, out: &mut Vec<Finding>, f: Finding, path: &Path, name: &str) -> io::Result<()> {
         if self.fix {
             let stem = self.stem(name);
-            fs::rename(path, self.dir.join(&stem))?;
+            self.fs.rename(path, &self.dir.join(&stem))?;
             self.write_reason(&stem, &f)?;
-            sync_dir(&self.dir)?;
+            self.fs.sync_dir(&self.dir)?;
             if let Some(parent) = path.parent() {
-                sync_dir(parent)?;
+                self.fs.sync_dir(parent)?;
             }
             Self::log(&f);
         }
@@ -575,7 +577,7 @@ impl Quarantine {
             );
             let stem = self.stem(&base);
             self.write_reason(&stem, &f)?;
-            sync_dir(&self.dir)?;
+            self.fs.sync_dir(&self.dir)?;
             Self::log(&f);
         }
         out.push(f);
@@ -586,7 +588,7 @@ impl Quarantine {
     fn marker(&self, out: &mut Vec<Finding>, f: Finding, stem: &str) -> io::Result<()> {
         if self.fix {
             self.write_reason(stem, &f)?;
-            sync_dir(&self.dir)?;
+            self.fs.sync_dir(&self.dir)?;
             Self::log(&f);
         }
         out.push(f);

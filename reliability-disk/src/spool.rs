@@ -2,9 +2,8 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
-use std::os::unix::fs::FileExt as _;
+use std::fs::{File, OpenOptions};
+use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
@@ -22,10 +21,10 @@ use reliability_core::{
 use tokio::sync::oneshot;
 
 use crate::codec::{self, Entry};
+use crate::fsio::{self, faults::Faults, Open, SharedFs};
 use crate::index::{Index, Live, Loc, NotOwner};
 use crate::recover::{
-    quarantine_dir, recover, segment_header, segment_path, segments_dir, sync_dir, Quarantine,
-    SEG_HEADER_LEN,
+    quarantine_dir, recover, segment_header, segment_path, segments_dir, Quarantine, SEG_HEADER_LEN,
 };
 use crate::writer::{Cmd, Completion, Pin, WriteReq, Writer, Written};
 
@@ -119,6 +118,7 @@ pub struct DiskSpoolBuilder {
     config: DiskSpoolConfig,
     clock: Option<SharedClock>,
     fault: Option<Arc<AtomicU64>>,
+    fs: Option<SharedFs>,
 }
 
 impl DiskSpoolBuilder {
@@ -173,7 +173,9 @@ impl DiskSpoolBuilder {
             config,
             clock,
             fault,
+            fs,
         } = self;
+        let fs = fs.unwrap_or_else(fsio::real);
         let clock = clock.unwrap_or_else(system_clock);
         if config.segment_max_bytes == 0 {
             return Err(Error::config(
@@ -202,7 +204,7 @@ impl DiskSpoolBuilder {
             }
         }
         let dir = config.dir.clone();
-        tokio::task::spawn_blocking(move || open_blocking(config, clock, fault))
+        tokio::task::spawn_blocking(move || open_blocking(config, clock, fault, fs))
             .await
             .map_err(|e| {
                 Error::unavailable(
@@ -222,6 +224,14 @@ impl DiskSpoolBuilder {
         self.fault = Some(budget);
         self
     }
+
+    /// Test hook: the spool's file-system calls go through `faults`, which
+    /// fails the ones it is told to (see [`crate::faults`]).
+    #[doc(hidden)]
+    pub fn faults(mut self, faults: Arc<Faults>) -> Self {
+        self.fs = Some(faults);
+        self
+    }
 }
 
 /// Largest payload the format stores (a frame is at most
@@ -232,6 +242,7 @@ const MAX_PAYLOAD: usize = codec::MAX_FRAME_LEN as usize - 1024;
 #[derive(Debug)]
 pub(crate) struct ReadFiles {
     dir: PathBuf,
+    pub(crate) fs: SharedFs,
     files: Mutex<HashMap<u32, Arc<File>>>,
 }
 
@@ -241,7 +252,7 @@ impl ReadFiles {
         if let Some(f) = files.get(&seg) {
             return Ok(f.clone());
         }
-        let f = Arc::new(File::open(segment_path(&self.dir, seg))?);
+        let f = Arc::new(self.fs.open(&segment_path(&self.dir, seg), Open::Read)?);
         files.insert(seg, f.clone());
         Ok(f)
     }
@@ -255,7 +266,8 @@ impl ReadFiles {
     ) -> std::result::Result<Bytes, String> {
         let file = self.get(loc.seg).map_err(|e| e.to_string())?;
         let mut buf = vec![0u8; loc.len as usize];
-        file.read_exact_at(&mut buf, loc.off)
+        self.fs
+            .read_at(&file, &mut buf, loc.off)
             .map_err(|e| e.to_string())?;
         match codec::decode(&buf) {
             Ok(Some((
@@ -418,20 +430,22 @@ fn open_blocking(
     config: DiskSpoolConfig,
     clock: SharedClock,
     fault: Option<Arc<AtomicU64>>,
+    vfs: SharedFs,
 ) -> Result<DiskSpool> {
     let dir = config.dir.clone();
-    fs::create_dir_all(&dir).map_err(|e| io_error("cannot create the spool directory", &dir, e))?;
+    vfs.create_dir(&dir)
+        .map_err(|e| io_error("cannot create the spool directory", &dir, e))?;
     let lock = lock_dir(&dir)?;
-    let rec = recover(&dir, true).map_err(|e| io_error("cannot read the spool", &dir, e))?;
+    let rec = recover(&vfs, &dir, true).map_err(|e| io_error("cannot read the spool", &dir, e))?;
     let active = match rec.active() {
         Some(a) => a,
         None => {
             let path = segment_path(&dir, 1);
             let create = || -> io::Result<()> {
-                let mut f = File::create(&path)?;
-                f.write_all(&segment_header(1))?;
-                f.sync_all()?;
-                sync_dir(&segments_dir(&dir))
+                let f = vfs.open(&path, Open::Create)?;
+                vfs.write_at(&f, &segment_header(1), 0)?;
+                vfs.sync(&f, true)?;
+                vfs.sync_dir(&segments_dir(&dir))
             };
             create().map_err(|e| io_error("cannot create the first segment", &dir, e))?;
             (1, SEG_HEADER_LEN, SEG_HEADER_LEN)
@@ -455,6 +469,7 @@ fn open_blocking(
         .collect();
     let files = Arc::new(ReadFiles {
         dir: dir.clone(),
+        fs: vfs.clone(),
         files: Mutex::new(HashMap::new()),
     });
     let quarantined = rec.findings.len() as u64;
@@ -535,6 +550,7 @@ impl DiskSpool {
             config: DiskSpoolConfig::new(dir),
             clock: None,
             fault: None,
+            fs: None,
         }
     }
 
@@ -547,6 +563,7 @@ impl DiskSpool {
             config,
             clock: None,
             fault: None,
+            fs: None,
         }
         .open()
         .await
@@ -686,13 +703,14 @@ impl DiskSpool {
         let q = Quarantine {
             dir: quarantine_dir(&self.shared.dir),
             fix: true,
+            fs: self.shared.files.fs.clone(),
         };
         let mut bytes = vec![0u8; loc.len as usize];
         let read = self
             .shared
             .files
             .get(loc.seg)
-            .and_then(|f| f.read_exact_at(&mut bytes, loc.off));
+            .and_then(|f| self.shared.files.fs.read_at(&f, &mut bytes, loc.off));
         if read.is_err() {
             bytes.clear();
         }

@@ -17,9 +17,8 @@
 //! was already queued, so they are written in the next batch.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
-use std::os::unix::fs::FileExt as _;
+use std::fs::File;
+use std::io;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
@@ -29,10 +28,9 @@ use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
 use crate::codec;
+use crate::fsio::{Open, SharedFs};
 use crate::index::Loc;
-use crate::recover::{
-    segment_header, segment_path, segments_dir, sync_dir, PAD_GRID, SEG_HEADER_LEN,
-};
+use crate::recover::{segment_header, segment_path, segments_dir, PAD_GRID, SEG_HEADER_LEN};
 use crate::relocate::{Move, Relocator};
 use crate::spool::{DiskSpoolConfig, FsyncMode, ReadFiles, State};
 
@@ -93,6 +91,8 @@ pub(crate) enum Cmd {
 
 pub(crate) struct Writer {
     pub(crate) dir: PathBuf,
+    /// The file system (the real one, or a fault-injecting one in tests).
+    pub(crate) fs: SharedFs,
     pub(crate) mode: FsyncMode,
     pub(crate) segment_max: u64,
     pub(crate) seg: u32,
@@ -136,9 +136,8 @@ impl Writer {
     ) -> io::Result<Self> {
         let (seg, len, keep) = active;
         let dir = config.dir.clone();
-        let file = OpenOptions::new()
-            .write(true)
-            .open(segment_path(&dir, seg))?;
+        let fs = files.fs.clone();
+        let file = fs.open(&segment_path(&dir, seg), Open::Write)?;
         // After the data there is only padding (recovery truncated or
         // padded over the rest); what is not laid out on the grid goes.
         let alloc_end = keep.max(len);
@@ -149,6 +148,7 @@ impl Writer {
         counts.entry(seg).or_default();
         Ok(Self {
             dir,
+            fs,
             mode: config.fsync,
             segment_max: config.segment_max_bytes.max(SEG_HEADER_LEN + 1),
             seg,
@@ -263,7 +263,7 @@ impl Writer {
 
     fn sync(&mut self) -> io::Result<()> {
         if self.dirty {
-            self.file.sync_data()?;
+            self.fs.sync(&self.file, false)?;
             self.dirty = false;
         }
         self.last_sync = Instant::now();
@@ -279,7 +279,7 @@ impl Writer {
     fn finish(&mut self) -> io::Result<()> {
         self.dirty = true;
         self.sync()?;
-        sync_dir(&segments_dir(&self.dir))
+        self.fs.sync_dir(&segments_dir(&self.dir))
     }
 
     /// Appends to the batch in `buf` (to be written at `start`) the padding
@@ -336,7 +336,7 @@ impl Writer {
             }
             f.fetch_sub(n, Ordering::AcqRel);
         }
-        self.file.write_all_at(&self.buf, self.len)
+        self.fs.write_at(&self.file, &self.buf, self.len)
     }
 
     fn commit(&mut self, batch: &mut Vec<WriteReq>) {
@@ -499,19 +499,15 @@ impl Writer {
             self.file.set_len(self.len)?;
             self.alloc_end = self.len;
         }
-        self.file.sync_data()?;
+        self.fs.sync(&self.file, false)?;
         self.dirty = false;
         self.counts.entry(self.seg).or_default().size = self.len;
         let next = self.seg + 1;
         let path = segment_path(&self.dir, next);
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&path)?;
-        f.write_all(&segment_header(next))?;
-        f.sync_all()?;
-        sync_dir(&segments_dir(&self.dir))?;
+        let f = self.fs.open(&path, Open::Create)?;
+        self.fs.write_at(&f, &segment_header(next), 0)?;
+        self.fs.sync(&f, true)?;
+        self.fs.sync_dir(&segments_dir(&self.dir))?;
         self.file = f;
         self.seg = next;
         self.len = SEG_HEADER_LEN;
@@ -537,7 +533,7 @@ impl Writer {
                 return;
             }
             let path = segment_path(&self.dir, oldest);
-            match fs::remove_file(&path) {
+            match self.fs.unlink(&path) {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
                 Err(e) => {
@@ -545,7 +541,7 @@ impl Writer {
                     return;
                 }
             }
-            if let Err(e) = sync_dir(&segments_dir(&self.dir)) {
+            if let Err(e) = self.fs.sync_dir(&segments_dir(&self.dir)) {
                 tracing::error!(error = %e, "disk spool: directory sync after compaction failed");
                 return;
             }
