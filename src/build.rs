@@ -140,12 +140,38 @@ impl Reliability {
     /// Those of [`Spool::stats`]; the status is left as it was.
     pub async fn refresh_status(&self) -> Result<()> {
         if let Some(spool) = &self.spool {
-            let stats = spool.stats().await?;
+            let stats = match spool.stats().await {
+                Ok(stats) => stats,
+                Err(e) => {
+                    mark_local_failure(&self.status, &e);
+                    return Err(e);
+                }
+            };
             reliability_core::metrics::record_spool_stats(&stats);
             let health = SpoolHealth::from_stats(&stats, self.config.spool_limits.alert_depth);
             self.status.update(|s| s.spool = Some(health));
         }
         Ok(())
+    }
+}
+
+/// A disk spool that stopped (its stats fail: a sync failed, writes are
+/// refused until it is reopened) makes the local side unavailable, so the
+/// status turns unhealthy with the error (redacted) as the reason. Errors
+/// of other backends (Redis down) leave the local side alone.
+fn mark_local_failure(status: &StatusHub, e: &Error) {
+    if matches!(
+        e,
+        Error::Unavailable {
+            backend: "disk",
+            ..
+        }
+    ) {
+        let why = reliability_core::status::Redacted::new(e.to_string());
+        status.update(|s| {
+            s.local.available = false;
+            s.local.last_error = Some(why);
+        });
     }
 }
 
@@ -423,4 +449,41 @@ async fn disk_spool(
         .clock(clock.clone())
         .open()
         .await
+}
+
+#[cfg(all(test, feature = "disk"))]
+mod tests {
+    use std::sync::Arc;
+
+    use crate::config::from_yaml_str;
+    use reliability_core::status::Overall;
+    use reliability_core::{NewRecord, RecordId, Spool};
+    use reliability_disk::faults::{Fault, Faults, Op};
+    use reliability_disk::DiskSpool;
+
+    use super::Reliability;
+
+    /// A failed fsync of the disk spool turns the status unhealthy, with
+    /// the reason.
+    #[tokio::test]
+    async fn failed_fsync_of_the_disk_spool_makes_the_status_unhealthy() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let cfg = from_yaml_str("reliability: { profile: baseline, spool: none }").expect("cfg");
+        let mut r = Reliability::from_config(&cfg).await.expect("build");
+        let faults = Faults::new();
+        let spool = DiskSpool::builder(tmp.path())
+            .faults(faults.clone())
+            .open()
+            .await
+            .expect("open");
+        faults.fail_nth(Op::Sync, 1, Fault::LostSync);
+        let rec = NewRecord::new(RecordId::new("a").expect("id"), "x");
+        assert!(spool.enqueue(vec![rec]).await.is_err());
+        r.spool = Some(Arc::new(spool));
+        assert!(r.refresh_status().await.is_err());
+        let s = r.status().current();
+        assert_eq!(s.overall, Overall::Unhealthy);
+        let why = s.local.last_error.expect("a reason");
+        assert!(why.as_str().contains("sync"), "{why:?}");
+    }
 }

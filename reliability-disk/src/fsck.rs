@@ -228,6 +228,7 @@ pub fn repair(dir: &Path) -> Result<RepairReport> {
             io::Error::from(io::ErrorKind::NotFound),
         ));
     }
+    crate::spool::join_finishing(&dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf()));
     let lock = lock_dir(dir)?;
     let rec = recover(&crate::fsio::real(), dir, true)
         .map_err(|e| io_error("cannot repair the spool", dir, e))?;

@@ -107,6 +107,30 @@ impl Fs for RealFs {
     }
 }
 
+/// Creates `dir` (and missing parents) and syncs the parent of each
+/// directory it created, so that a power loss right after cannot drop it.
+pub(crate) fn create_dir_durably(fs: &dyn Fs, dir: &Path) -> io::Result<()> {
+    let mut missing = Vec::new();
+    let mut at = Some(dir);
+    while let Some(d) = at {
+        if d.as_os_str().is_empty() || d.is_dir() {
+            break;
+        }
+        missing.push(d);
+        at = d.parent();
+    }
+    if missing.is_empty() {
+        return Ok(());
+    }
+    fs.create_dir(dir)?;
+    for d in missing.iter().rev() {
+        if let Some(parent) = d.parent().filter(|p| !p.as_os_str().is_empty()) {
+            fs.sync_dir(parent)?;
+        }
+    }
+    Ok(())
+}
+
 pub mod faults {
     //! Fault injection for tests: a [`Faults`] plan handed to
     //! `DiskSpoolBuilder::faults` makes the spool's file-system calls fail

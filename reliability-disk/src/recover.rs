@@ -11,7 +11,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::codec::{self, Entry, MIN_FRAME};
 use crate::fsck::{Finding, FindingKind};
-use crate::fsio::{Open, SharedFs};
+use crate::fsio::{create_dir_durably, Open, SharedFs};
 use crate::index::{Index, Loc};
 
 /// The magic at the start of every segment.
@@ -110,8 +110,8 @@ pub(crate) fn recover(vfs: &SharedFs, dir: &Path, fix: bool) -> io::Result<Recov
     let seg_dir = segments_dir(dir);
     let q_dir = quarantine_dir(dir);
     if fix {
-        vfs.create_dir(&seg_dir)?;
-        vfs.create_dir(&q_dir)?;
+        create_dir_durably(&**vfs, &seg_dir)?;
+        create_dir_durably(&**vfs, &q_dir)?;
     }
     let mut rec = Recovery::default();
     let q = Quarantine {

@@ -78,6 +78,7 @@ use reliability_core::RecordId;
 
 use crate::codec::{self, Entry};
 use crate::index::{Index, Loc};
+use crate::spool::ReadError;
 use crate::writer::{Cmd, WriteReq, Writer, Written};
 
 #[cfg(doc)]
@@ -281,7 +282,7 @@ impl Writer {
     /// Takes one step of relocation, if one is due: its request goes to
     /// `carry` behind every command queued before it (see the module docs).
     pub(crate) fn relocate_step(&mut self, rx: &Receiver<Cmd>, carry: &mut VecDeque<Cmd>) {
-        if self.reloc.in_flight {
+        if self.reloc.in_flight || self.stopped.get().is_some() {
             return;
         }
         loop {
@@ -318,9 +319,16 @@ impl Writer {
             bytes += u64::from(loc.len);
             match self.files.read_enqueue(&id, loc) {
                 Ok(payload) => read.push((id, loc, payload)),
-                Err(why) => {
+                Err(ReadError::Corrupt { why, .. }) => {
                     tracing::warn!(id = %id, segment = loc.seg, offset = loc.off, why, "disk spool: cannot relocate a record that does not read back");
                     self.reloc.unreadable.push(loc);
+                }
+                Err(ReadError::Io(e)) => {
+                    // Not corruption: the plan stops here and a later one
+                    // (after the next batch for callers) tries again.
+                    tracing::warn!(error = %e, segment = loc.seg, "disk spool: cannot read records to relocate, retrying later");
+                    self.reloc.plan.clear();
+                    break;
                 }
             }
         }

@@ -7,7 +7,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -21,12 +21,12 @@ use reliability_core::{
 use tokio::sync::oneshot;
 
 use crate::codec::{self, Entry};
-use crate::fsio::{self, faults::Faults, Open, SharedFs};
+use crate::fsio::{self, create_dir_durably, faults::Faults, Open, SharedFs};
 use crate::index::{Index, Live, Loc, NotOwner};
 use crate::recover::{
     quarantine_dir, recover, segment_header, segment_path, segments_dir, Quarantine, SEG_HEADER_LEN,
 };
-use crate::writer::{Cmd, Completion, Pin, WriteReq, Writer, Written};
+use crate::writer::{stopped_error, Cmd, Completion, Pin, Stopped, WriteReq, Writer, Written};
 
 pub(crate) const BACKEND: &str = "disk";
 
@@ -259,30 +259,38 @@ impl ReadFiles {
 
     /// Reads back the payload of the enqueue frame of `id` at `loc`
     /// (checking the frame's CRC and id).
+    ///
+    /// # Errors
+    /// [`ReadError::Io`] when the read itself fails (nothing is known about
+    /// the bytes: retry later); [`ReadError::Corrupt`] when the bytes read
+    /// are not the frame, or are gone (the segment is missing or shorter).
     pub(crate) fn read_enqueue(
         &self,
         id: &RecordId,
         loc: Loc,
-    ) -> std::result::Result<Bytes, String> {
-        let file = self.get(loc.seg).map_err(|e| e.to_string())?;
+    ) -> std::result::Result<Bytes, ReadError> {
         let mut buf = vec![0u8; loc.len as usize];
-        self.fs
-            .read_at(&file, &mut buf, loc.off)
-            .map_err(|e| e.to_string())?;
-        match codec::decode(&buf) {
+        let read = self
+            .get(loc.seg)
+            .and_then(|file| self.fs.read_at(&file, &mut buf, loc.off));
+        if let Err(e) = read {
+            return Err(ReadError::from_io(e));
+        }
+        let why = match codec::decode(&buf) {
             Ok(Some((
                 Entry::Enqueue {
                     id: got, payload, ..
                 },
                 _,
-            ))) if &got == id => Ok(payload),
-            Ok(Some((other, _))) => Err(format!(
+            ))) if &got == id => return Ok(payload),
+            Ok(Some((other, _))) => format!(
                 "expected the enqueue frame of {id}, found a {} frame",
                 other.kind_name()
-            )),
-            Ok(None) => Err("frame cut short".into()),
-            Err(e) => Err(e.to_string()),
-        }
+            ),
+            Ok(None) => "frame cut short".into(),
+            Err(e) => e.to_string(),
+        };
+        Err(ReadError::Corrupt { why, bytes: buf })
     }
 
     /// Drops the handle of a deleted segment (readers holding it finish).
@@ -291,6 +299,62 @@ impl ReadFiles {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .remove(&seg);
+    }
+}
+
+/// Why a record's enqueue frame did not read back.
+#[derive(Debug)]
+pub(crate) enum ReadError {
+    /// The read failed (EIO, EMFILE, ...): the bytes may well be fine, the
+    /// record stays; the caller gets an unavailable error.
+    Io(io::Error),
+    /// The bytes read are not the frame (checksum, decoding, another
+    /// record), or are gone: corruption, the record goes to quarantine.
+    Corrupt {
+        /// What is wrong.
+        why: String,
+        /// The bytes read (empty when they are gone).
+        bytes: Vec<u8>,
+    },
+}
+
+impl ReadError {
+    /// A failed read: a missing segment or one cut short is corruption,
+    /// anything else is the disk or the process failing for now.
+    fn from_io(e: io::Error) -> Self {
+        match e.kind() {
+            io::ErrorKind::NotFound | io::ErrorKind::UnexpectedEof => ReadError::Corrupt {
+                why: e.to_string(),
+                bytes: Vec::new(),
+            },
+            _ => ReadError::Io(e),
+        }
+    }
+}
+
+/// What a payload read gave: the payload, or where it read last and why
+/// it failed.
+type PayloadRead = std::result::Result<Bytes, (Loc, ReadError)>;
+
+/// Writers of spools dropped inside an async runtime that may still be
+/// finishing (final sync), by spool directory: an open of the same
+/// directory joins them first, so that it never finds the lock still held
+/// by its own process.
+static FINISHING: Mutex<Vec<(PathBuf, JoinHandle<()>)>> = Mutex::new(Vec::new());
+
+/// Joins the writers of `dir` still finishing (and forgets finished ones).
+pub(crate) fn join_finishing(dir: &Path) {
+    let mine: Vec<JoinHandle<()>> = {
+        let mut all = FINISHING.lock().unwrap_or_else(PoisonError::into_inner);
+        let (mine, rest): (Vec<_>, Vec<_>) = all
+            .drain(..)
+            .filter(|(_, h)| !h.is_finished())
+            .partition(|(d, _)| d == dir);
+        *all = rest;
+        mine.into_iter().map(|(_, h)| h).collect()
+    };
+    for h in mine {
+        let _ = h.join();
     }
 }
 
@@ -309,6 +373,10 @@ pub(crate) struct State {
 #[derive(Debug)]
 struct Shared {
     dir: PathBuf,
+    /// `dir`, canonical: the key of [`FINISHING`].
+    key: PathBuf,
+    /// Set by the writer when a sync failed (see [`DiskSpool::health`]).
+    stopped: Stopped,
     /// Shared with the writer thread, which runs the completions of a
     /// committed batch under one lock.
     state: Arc<Mutex<State>>,
@@ -356,7 +424,6 @@ pub struct DiskSpool {
     clock: SharedClock,
     tx: Option<mpsc::Sender<Cmd>>,
     writer: Option<JoinHandle<()>>,
-    lock: Option<File>,
     /// Records relocated since open (the writer counts).
     relocated: Arc<AtomicU64>,
 }
@@ -433,8 +500,10 @@ fn open_blocking(
     vfs: SharedFs,
 ) -> Result<DiskSpool> {
     let dir = config.dir.clone();
-    vfs.create_dir(&dir)
+    create_dir_durably(&*vfs, &dir)
         .map_err(|e| io_error("cannot create the spool directory", &dir, e))?;
+    let key = dir.canonicalize().unwrap_or_else(|_| dir.clone());
+    join_finishing(&key);
     let lock = lock_dir(&dir)?;
     let rec = recover(&vfs, &dir, true).map_err(|e| io_error("cannot read the spool", &dir, e))?;
     let active = match rec.active() {
@@ -478,8 +547,15 @@ fn open_blocking(
         quarantined_total: quarantined,
         ..State::default()
     }));
-    let mut writer = Writer::new(&config, active, counts, files.clone(), state.clone())
-        .map_err(|e| io_error("cannot open the active segment", &dir, e))?;
+    let stopped: Stopped = Arc::new(OnceLock::new());
+    let mut writer = Writer::new(
+        &config,
+        active,
+        counts,
+        (files.clone(), state.clone(), stopped.clone()),
+        lock,
+    )
+    .map_err(|e| io_error("cannot open the active segment", &dir, e))?;
     writer.fault = fault;
     let relocated = writer.reloc.moved.clone();
     let (tx, rx) = mpsc::channel();
@@ -495,13 +571,18 @@ fn open_blocking(
         );
     }
     Ok(DiskSpool {
-        shared: Arc::new(Shared { dir, state, files }),
+        shared: Arc::new(Shared {
+            dir,
+            key,
+            stopped,
+            state,
+            files,
+        }),
         limits: config.limits,
         mode: config.fsync,
         clock,
         tx: Some(tx),
         writer: Some(handle),
-        lock: Some(lock),
         relocated,
     })
 }
@@ -608,16 +689,42 @@ impl DiskSpool {
             Err(closed())
         };
         if let Some(h) = self.writer.take() {
-            // The writer has answered and is returning: joining is immediate.
+            // The writer has answered and is returning (its end releases
+            // the directory's lock): joining is immediate.
             let _ = tokio::task::spawn_blocking(move || h.join()).await;
         }
-        self.unlock();
         r
     }
 
-    fn unlock(&mut self) {
-        if let Some(lock) = self.lock.take() {
-            let _ = fs4::FileExt::unlock(&lock);
+    /// Waits (on a blocking thread) until the writers of spools in `dir`
+    /// dropped inside an async runtime have finished: their final sync is
+    /// done and the directory is unlocked. Dropping a spool inside a
+    /// runtime does not wait for that (it would block a worker thread);
+    /// [`close`](Self::close) does, and so does the next open of `dir`.
+    pub async fn wait_dropped(dir: impl AsRef<Path>) {
+        let dir = dir.as_ref();
+        let key = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
+        let _ = tokio::task::spawn_blocking(move || join_finishing(&key)).await;
+    }
+
+    /// `Ok` while the spool accepts writes.
+    ///
+    /// # Errors
+    /// [`Error::Unavailable`] with [`UnavailableReason::Io`] once a sync
+    /// failed: after a failed `fsync` the data it covered may be gone while
+    /// a retry would report success, so the spool fails the writes that
+    /// sync covered, refuses every write after it and never deletes a
+    /// segment again. Only reopening it (a replay of what is on disk)
+    /// recovers. [`Spool::stats`] fails the same way, so a status built
+    /// from it turns unhealthy.
+    pub fn health(&self) -> Result<()> {
+        match self.shared.stopped.get() {
+            Some(why) => Err(io_error(
+                "the disk spool stopped",
+                &self.shared.dir,
+                stopped_error(why),
+            )),
+            None => Ok(()),
         }
     }
 
@@ -641,7 +748,7 @@ impl DiskSpool {
         done: Option<Completion>,
     ) -> Result<oneshot::Receiver<io::Result<Written>>> {
         let (tx, rx) = oneshot::channel();
-        let req = WriteReq {
+        let mut req = WriteReq {
             bytes: frames.bytes,
             sync,
             enqueued,
@@ -650,6 +757,16 @@ impl DiskSpool {
             done,
             reply: Some(tx),
         };
+        if let Some(why) = self.shared.stopped.get() {
+            if let Some(done) = req.done.take() {
+                done(st, &Err(stopped_error(why)));
+            }
+            return Err(io_error(
+                "the disk spool stopped",
+                &self.shared.dir,
+                stopped_error(why),
+            ));
+        }
         match &self.tx {
             Some(s) => match s.send(Cmd::Write(req)) {
                 Ok(()) => Ok(rx),
@@ -673,47 +790,127 @@ impl DiskSpool {
         }
     }
 
+    /// Reads the payloads of `wanted` (id, where its enqueue frame was)
+    /// on a blocking thread, never on the runtime's; copies the bytes of
+    /// those that are corrupt to quarantine there too. Results in order.
+    async fn read_payloads(&self, wanted: Vec<(RecordId, Loc)>) -> Vec<PayloadRead> {
+        let locs: Vec<Loc> = wanted.iter().map(|(_, loc)| *loc).collect();
+        let shared = self.shared.clone();
+        let read = tokio::task::spawn_blocking(move || {
+            wanted
+                .iter()
+                .map(|(id, loc)| {
+                    let r = shared.read_payload(id, *loc);
+                    if let Err((at, ReadError::Corrupt { why, bytes })) = &r {
+                        shared.quarantine_copy(id, *at, why, bytes);
+                    }
+                    r
+                })
+                .collect()
+        })
+        .await;
+        read.unwrap_or_else(|e| {
+            locs.into_iter()
+                .map(|loc| Err((loc, ReadError::Io(io::Error::other(e.to_string())))))
+                .collect()
+        })
+    }
+
+    /// Records whose frames are corrupt (their bytes already copied to
+    /// quarantine) leave the index, an ack frame records it; each stays if
+    /// it is no longer at the place read (acked, or relocated, meanwhile).
+    fn forget_corrupt(&self, lost: Vec<(RecordId, Loc)>) {
+        if lost.is_empty() {
+            return;
+        }
+        let mut st = self.state();
+        let mut f = Frames::default();
+        for (id, loc) in lost {
+            st.quarantined_total += 1;
+            if st.index.loc_of(&id) != Some(loc) {
+                // The ack below would unpin the wrong segment.
+                continue;
+            }
+            let removed = match st.index.take_live(&id) {
+                Some(l) => Some(l.payload_len),
+                None => st.index.remove_dead(&id).map(|d| d.payload_len),
+            };
+            if let Some(len) = removed {
+                st.index.bytes -= u64::from(len);
+                f.push(&Entry::Ack { id });
+                f.released.push(loc);
+            }
+        }
+        if !f.bytes.is_empty() {
+            let _ = self.send(&mut st, f, false, 0, None);
+        }
+    }
+
+    /// Gives records `lease` took back (their payloads did not read): each
+    /// still leased with its token is ready again (a nack frame due now
+    /// records it; the attempt it took counts).
+    async fn release(&self, taken: &[(RecordId, LeaseToken)]) {
+        let now = self.clock.now();
+        let rx = {
+            let mut st = self.state();
+            let mut f = Frames::default();
+            for (id, token) in taken {
+                let Ok(mut live) = st.index.take_owned(id, *token) else {
+                    continue;
+                };
+                live.lease = None;
+                live.due_at = live.due_at.min(now);
+                f.push(&Entry::Nack {
+                    id: id.clone(),
+                    due_at: live.due_at,
+                });
+                st.index.insert_live(id.clone(), live);
+            }
+            if f.bytes.is_empty() {
+                return;
+            }
+            self.send(&mut st, f, false, 0, None)
+        };
+        if let Ok(rx) = rx {
+            if let Err(e) = self.wait(rx, "release").await {
+                tracing::warn!(error = %e, "disk spool: records not released stay leased until their lease ends");
+            }
+        }
+    }
+}
+
+impl Shared {
     /// Reads the payload of `id`, whose enqueue frame was at `loc` when the
     /// caller looked. If that read fails because the record was relocated
     /// meanwhile (its old segment may be gone), reads it at its current
     /// place. On failure, returns where it read last.
-    fn read_payload(&self, id: &RecordId, loc: Loc) -> std::result::Result<Bytes, (Loc, String)> {
+    fn read_payload(&self, id: &RecordId, loc: Loc) -> PayloadRead {
         let mut at = loc;
         loop {
-            let why = match self.shared.files.read_enqueue(id, at) {
+            let err = match self.files.read_enqueue(id, at) {
                 Ok(payload) => return Ok(payload),
-                Err(why) => why,
+                Err(e) => e,
             };
             match self.state().index.loc_of(id) {
                 // Relocations only move forward: this ends.
                 Some(now) if now.seg > at.seg => at = now,
-                _ => return Err((at, why)),
+                _ => return Err((at, err)),
             }
         }
     }
 
-    /// A record whose frame no longer reads back: its bytes go to
-    /// quarantine, the record leaves the index (an ack frame records it),
-    /// unless it is no longer at `loc` (acked, or relocated, meanwhile).
-    fn lost_to_corruption(&self, id: &RecordId, loc: Loc, why: &str) {
+    /// Copies the bytes read of a corrupt frame to quarantine with a reason
+    /// file (unless the record left `loc` meanwhile).
+    fn quarantine_copy(&self, id: &RecordId, loc: Loc, why: &str, bytes: &[u8]) {
         if self.state().index.loc_of(id) != Some(loc) {
             return;
         }
         tracing::error!(id = %id, segment = loc.seg, offset = loc.off, why, "disk spool: record unreadable, quarantined");
         let q = Quarantine {
-            dir: quarantine_dir(&self.shared.dir),
+            dir: quarantine_dir(&self.dir),
             fix: true,
-            fs: self.shared.files.fs.clone(),
+            fs: self.files.fs.clone(),
         };
-        let mut bytes = vec![0u8; loc.len as usize];
-        let read = self
-            .shared
-            .files
-            .get(loc.seg)
-            .and_then(|f| self.shared.files.fs.read_at(&f, &mut bytes, loc.off));
-        if read.is_err() {
-            bytes.clear();
-        }
         let finding = crate::fsck::Finding::new(
             crate::fsck::FindingKind::BadFrame,
             PathBuf::from("segments").join(crate::recover::segment_name(loc.seg)),
@@ -721,37 +918,29 @@ impl DiskSpool {
             u64::from(loc.len),
         )
         .detail(format!("record {id} unreadable at runtime: {why}"));
-        let _ = q.bytes(&mut Vec::new(), finding, &bytes);
-        let mut st = self.state();
-        st.quarantined_total += 1;
-        if st.index.loc_of(id) != Some(loc) {
-            // Acked or relocated while its bytes went to quarantine: the
-            // ack below would unpin the wrong segment.
-            return;
-        }
-        let removed = match st.index.take_live(id) {
-            Some(l) => Some(l.payload_len),
-            None => st.index.remove_dead(id).map(|d| d.payload_len),
-        };
-        if let Some(len) = removed {
-            st.index.bytes -= u64::from(len);
-            let mut f = Frames::default();
-            f.push(&Entry::Ack { id: id.clone() });
-            f.released.push(loc);
-            let _ = self.send(&mut st, f, false, 0, None);
+        if let Err(e) = q.bytes(&mut Vec::new(), finding, bytes) {
+            tracing::error!(error = %e, id = %id, "disk spool: cannot copy an unreadable record to quarantine");
         }
     }
 }
 
 impl Drop for DiskSpool {
     fn drop(&mut self) {
-        // Dropping the sender stops the writer after a final sync; wait for
-        // it so that a reopen never races a writer still running.
+        // Dropping the sender stops the writer after a final sync (its end
+        // releases the directory's lock). Inside an async runtime it is not
+        // waited for here, which would block a worker thread: the next open
+        // of the directory joins it.
         drop(self.tx.take());
         if let Some(h) = self.writer.take() {
-            let _ = h.join();
+            if tokio::runtime::Handle::try_current().is_ok() {
+                FINISHING
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .push((self.shared.key.clone(), h));
+            } else {
+                let _ = h.join();
+            }
         }
-        self.unlock();
     }
 }
 
@@ -891,15 +1080,38 @@ impl Spool for DiskSpool {
             (self.send(&mut st, frames, false, 0, None)?, picked)
         };
         self.wait(rx, "lease failed").await?;
+        let wanted = picked.iter().map(|p| (p.id.clone(), p.loc)).collect();
+        let read = self.read_payloads(wanted).await;
         let mut out = Vec::with_capacity(picked.len());
-        for p in picked {
-            match self.read_payload(&p.id, p.loc) {
-                Ok(payload) => out.push(Leased::new(
-                    Record::new(p.id.clone(), payload, p.attempts, p.enqueued_at),
-                    SpoolToken::new(p.id, p.token),
-                )),
-                Err((at, why)) => self.lost_to_corruption(&p.id, at, &why),
+        let mut lost = Vec::new();
+        let mut taken = Vec::with_capacity(picked.len());
+        let mut failed = None;
+        for (p, r) in picked.into_iter().zip(read) {
+            match r {
+                Ok(payload) => {
+                    taken.push((p.id.clone(), p.token));
+                    out.push(Leased::new(
+                        Record::new(p.id.clone(), payload, p.attempts, p.enqueued_at),
+                        SpoolToken::new(p.id, p.token),
+                    ));
+                }
+                Err((at, ReadError::Corrupt { .. })) => lost.push((p.id, at)),
+                Err((_, ReadError::Io(e))) => {
+                    taken.push((p.id, p.token));
+                    failed.get_or_insert(e);
+                }
             }
+        }
+        self.forget_corrupt(lost);
+        if let Some(e) = failed {
+            // Nothing is known about the bytes: the records stay, ready
+            // again, and the caller tries later.
+            self.release(&taken).await;
+            return Err(io_error(
+                "cannot read leased records back (they stay in the spool)",
+                &self.shared.dir,
+                e,
+            ));
         }
         Ok(out)
     }
@@ -1023,18 +1235,33 @@ impl Spool for DiskSpool {
                 .filter_map(|id| st.index.dead_ids.get(id).map(|d| (id.clone(), d.clone())))
                 .collect()
         };
+        let wanted = picked.iter().map(|(id, d)| (id.clone(), d.loc)).collect();
+        let read = self.read_payloads(wanted).await;
         let mut out = Vec::with_capacity(picked.len());
-        for (id, d) in picked {
-            match self.read_payload(&id, d.loc) {
+        let mut lost = Vec::new();
+        let mut failed = None;
+        for ((id, d), r) in picked.into_iter().zip(read) {
+            match r {
                 Ok(payload) => out.push(DeadRecord::new(
                     Record::new(id, payload, d.attempts, d.enqueued_at),
                     d.reason,
                     d.dead_at,
                 )),
-                Err((at, why)) => self.lost_to_corruption(&id, at, &why),
+                Err((at, ReadError::Corrupt { .. })) => lost.push((id, at)),
+                Err((_, ReadError::Io(e))) => {
+                    failed.get_or_insert(e);
+                }
             }
         }
-        Ok(out)
+        self.forget_corrupt(lost);
+        match failed {
+            Some(e) => Err(io_error(
+                "cannot read dead records back (they stay in the spool)",
+                &self.shared.dir,
+                e,
+            )),
+            None => Ok(out),
+        }
     }
 
     async fn redrive_dead(&self, max: usize) -> Result<usize> {
@@ -1098,6 +1325,7 @@ impl Spool for DiskSpool {
     }
 
     async fn stats(&self) -> Result<SpoolStats> {
+        self.health()?;
         let now = self.clock.now();
         let mut st = self.state();
         let mut stats = SpoolStats::default();

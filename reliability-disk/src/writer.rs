@@ -22,7 +22,7 @@ use std::io;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
@@ -83,6 +83,17 @@ pub(crate) struct WriteReq {
     pub(crate) reply: Option<oneshot::Sender<io::Result<Written>>>,
 }
 
+/// Why the writer stopped writing: a sync failed. Set once; see
+/// [`Writer::sync_failed`].
+pub(crate) type Stopped = Arc<OnceLock<String>>;
+
+/// The error every request gets once the writer stopped.
+pub(crate) fn stopped_error(why: &str) -> io::Error {
+    io::Error::other(format!(
+        "writes stopped after a failed sync ({why}); reopen the spool to recover from what is on disk"
+    ))
+}
+
 pub(crate) enum Cmd {
     Write(WriteReq),
     /// Sync everything and stop.
@@ -113,6 +124,10 @@ pub(crate) struct Writer {
     /// The spool's state, locked once per batch to run its completions.
     pub(crate) state: Arc<Mutex<State>>,
     pub(crate) fault: Option<Arc<AtomicU64>>,
+    /// Set when a sync failed: nothing is written, synced or deleted after.
+    pub(crate) stopped: Stopped,
+    /// The directory's lock, released when the writer ends.
+    _lock: File,
     dirty: bool,
     last_sync: Instant,
     /// Requests the last sync of a batch answered.
@@ -131,9 +146,10 @@ impl Writer {
         config: &DiskSpoolConfig,
         active: (u32, u64, u64),
         counts: BTreeMap<u32, Pin>,
-        files: Arc<ReadFiles>,
-        state: Arc<Mutex<State>>,
+        shared: (Arc<ReadFiles>, Arc<Mutex<State>>, Stopped),
+        lock: File,
     ) -> io::Result<Self> {
+        let (files, state, stopped) = shared;
         let (seg, len, keep) = active;
         let dir = config.dir.clone();
         let fs = files.fs.clone();
@@ -164,6 +180,8 @@ impl Writer {
             files,
             state,
             fault: None,
+            stopped,
+            _lock: lock,
             dirty: false,
             last_sync: Instant::now(),
             last_synced: 0,
@@ -256,14 +274,42 @@ impl Writer {
 
     fn interval_deadline(&self) -> Option<Instant> {
         match self.mode {
-            FsyncMode::Interval(d) if self.dirty => Some(self.last_sync + d),
+            FsyncMode::Interval(d) if self.dirty && self.stopped.get().is_none() => {
+                Some(self.last_sync + d)
+            }
             _ => None,
         }
     }
 
+    /// The error of every request once a sync failed.
+    fn stopped(&self) -> Option<io::Error> {
+        self.stopped.get().map(|why| stopped_error(why))
+    }
+
+    /// Passes on the result of a sync (of a file or a directory); a failure
+    /// stops the writer for good.
+    ///
+    /// After a failed `fsync` the kernel may have dropped the dirty pages
+    /// and reports the error once: a retry on the same descriptor would
+    /// succeed without the data being on disk. So the writer never syncs
+    /// again, never compacts (a deletion could drop the only synced copy of
+    /// relocated records), and fails every request; a reopen replays what
+    /// is really on disk.
+    fn checked(&self, r: io::Result<()>) -> io::Result<()> {
+        if let Err(e) = &r {
+            if self.stopped.set(e.to_string()).is_ok() {
+                tracing::error!(error = %e, "disk spool: sync failed, writes stopped until the spool is reopened");
+            }
+        }
+        r
+    }
+
     fn sync(&mut self) -> io::Result<()> {
+        if let Some(e) = self.stopped() {
+            return Err(e);
+        }
         if self.dirty {
-            self.fs.sync(&self.file, false)?;
+            self.checked(self.fs.sync(&self.file, false))?;
             self.dirty = false;
         }
         self.last_sync = Instant::now();
@@ -279,7 +325,7 @@ impl Writer {
     fn finish(&mut self) -> io::Result<()> {
         self.dirty = true;
         self.sync()?;
-        self.fs.sync_dir(&segments_dir(&self.dir))
+        self.checked(self.fs.sync_dir(&segments_dir(&self.dir)))
     }
 
     /// Appends to the batch in `buf` (to be written at `start`) the padding
@@ -340,6 +386,10 @@ impl Writer {
     }
 
     fn commit(&mut self, batch: &mut Vec<WriteReq>) {
+        if let Some(e) = self.stopped() {
+            self.fail(batch, &e);
+            return;
+        }
         if self.len >= self.segment_max {
             if let Err(e) = self.roll() {
                 tracing::error!(error = %e, "disk spool: cannot start a new segment");
@@ -499,15 +549,15 @@ impl Writer {
             self.file.set_len(self.len)?;
             self.alloc_end = self.len;
         }
-        self.fs.sync(&self.file, false)?;
+        self.checked(self.fs.sync(&self.file, false))?;
         self.dirty = false;
         self.counts.entry(self.seg).or_default().size = self.len;
         let next = self.seg + 1;
         let path = segment_path(&self.dir, next);
         let f = self.fs.open(&path, Open::Create)?;
         self.fs.write_at(&f, &segment_header(next), 0)?;
-        self.fs.sync(&f, true)?;
-        self.fs.sync_dir(&segments_dir(&self.dir))?;
+        self.checked(self.fs.sync(&f, true))?;
+        self.checked(self.fs.sync_dir(&segments_dir(&self.dir)))?;
         self.file = f;
         self.seg = next;
         self.len = SEG_HEADER_LEN;
@@ -521,7 +571,7 @@ impl Writer {
     /// Deletes the oldest sealed segments that no record pins, after the
     /// frames that unpinned them are synced; syncs the directory after.
     fn compact(&mut self) {
-        loop {
+        while self.stopped.get().is_none() {
             let Some((&oldest, pin)) = self.counts.first_key_value() else {
                 return;
             };
@@ -541,7 +591,7 @@ impl Writer {
                     return;
                 }
             }
-            if let Err(e) = self.fs.sync_dir(&segments_dir(&self.dir)) {
+            if let Err(e) = self.checked(self.fs.sync_dir(&segments_dir(&self.dir))) {
                 tracing::error!(error = %e, "disk spool: directory sync after compaction failed");
                 return;
             }

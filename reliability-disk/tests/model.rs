@@ -793,6 +793,9 @@ impl Run {
         let open = spool.take();
         self.relocated += open.as_ref().map_or(0, DiskSpool::relocated_total);
         drop(open);
+        // The dropped writer's final sync runs off this thread: wait for it
+        // before copying the directory.
+        DiskSpool::wait_dropped(dir.path()).await;
         let seen = observe(dir.path(), now).await;
         let m = &self.model;
         let mut d_ids: BTreeSet<&RecordId> = seen.live.keys().collect();
