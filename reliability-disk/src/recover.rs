@@ -11,7 +11,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::codec::{self, Entry, MIN_FRAME};
 use crate::fsck::{Finding, FindingKind};
-use crate::fsio::{create_dir_durably, Open, SharedFs};
+use crate::fsio::{create_dir_durably, Fs, Open, SharedFs};
 use crate::index::{Index, Loc};
 
 /// The magic at the start of every segment.
@@ -22,6 +22,12 @@ pub(crate) const VERSION: u32 = 1;
 pub(crate) const SEG_HEADER_LEN: u64 = 16;
 /// How far past a bad frame to look for the next good one.
 const RESYNC_WINDOW: u64 = 16 * 1024 * 1024;
+/// Bytes of candidate frames checked (read and CRC'd) at most in the search
+/// for the next good frame after a bad one; past it, the rest of the
+/// segment is treated as a torn tail (copied to quarantine). Without it a
+/// window of garbage in which every byte reads as the start of a large
+/// frame costs one large read and CRC per byte.
+const RESYNC_BUDGET: u64 = 256 * 1024 * 1024;
 /// Read-ahead of the scanner.
 const CHUNK: usize = 1024 * 1024;
 
@@ -342,23 +348,28 @@ impl Window {
         }
         let end = self.len.min(off.saturating_add(RESYNC_WINDOW));
         let mut p = off + 1;
+        let mut budget = RESYNC_BUDGET;
         while p + MIN_FRAME as u64 <= end {
             let file_len = self.len;
             let w = self.at(p, MIN_FRAME)?;
-            let plausible = matches!(codec::frame_len(w), Ok(Some(len)) if p + codec::HEADER_LEN as u64 + u64::from(len) <= file_len)
-                && (1..=9).contains(&w[codec::HEADER_LEN]);
-            if plausible && matches!(self.frame(p)?, Ok(Some(_))) {
-                return Ok(Some(p));
+            let size = match codec::frame_len(w) {
+                Ok(Some(len)) => codec::HEADER_LEN as u64 + u64::from(len),
+                _ => u64::MAX,
+            };
+            let plausible =
+                p.saturating_add(size) <= file_len && (1..=9).contains(&w[codec::HEADER_LEN]);
+            if plausible {
+                if size > budget {
+                    return Ok(None);
+                }
+                budget -= size;
+                if matches!(self.frame(p)?, Ok(Some(_))) {
+                    return Ok(Some(p));
+                }
             }
             p += 1;
         }
         Ok(None)
-    }
-
-    fn bytes(&mut self, off: u64, n: u64) -> io::Result<Vec<u8>> {
-        let mut v = vec![0u8; n as usize];
-        self.fs.read_at(&self.file, &mut v, off)?;
-        Ok(v)
     }
 }
 
@@ -431,10 +442,9 @@ fn scan_segment(
         }
         match w.resync(off)? {
             Some(next) if next - off >= MIN_FRAME as u64 => {
-                let bad = w.bytes(off, next - off)?;
                 let f =
                     Finding::new(FindingKind::BadFrame, name.clone(), off, next - off).detail(why);
-                q.bytes(&mut rec.findings, f, &bad)?;
+                q.range(&mut rec.findings, f, &w.file)?;
                 tail.on_grid = false;
                 if q.fix {
                     let pad = codec::pad_frame((next - off) as usize);
@@ -447,14 +457,13 @@ fn scan_segment(
             _ => {
                 // Nothing good follows (a torn last write), or too little
                 // room to pad over: the rest goes to quarantine.
-                let bad = w.bytes(off, rest)?;
                 let detail = if is_last {
                     format!("torn tail: {why}")
                 } else {
                     format!("torn tail of a sealed segment: {why}")
                 };
                 let f = Finding::new(FindingKind::TornTail, name.clone(), off, rest).detail(detail);
-                q.bytes(&mut rec.findings, f, &bad)?;
+                q.range(&mut rec.findings, f, &w.file)?;
                 truncate(q, &mut w, off)?;
                 break;
             }
@@ -527,6 +536,34 @@ impl Quarantine {
 
     /// Copies `bytes` to quarantine with a reason file.
     pub(crate) fn bytes(&self, out: &mut Vec<Finding>, f: Finding, bytes: &[u8]) -> io::Result<()> {
+        self.copy(out, f, |fs, to| fs.write_at(to, bytes, 0))
+    }
+
+    /// Copies the bytes of `file` the finding covers (`f.offset`, `f.len`)
+    /// to quarantine with a reason file, a piece at a time (a torn tail can
+    /// be as large as the segment).
+    fn range(&self, out: &mut Vec<Finding>, f: Finding, file: &File) -> io::Result<()> {
+        let (from, len) = (f.offset, f.len);
+        self.copy(out, f, |fs, to| {
+            let mut buf = vec![0u8; CHUNK];
+            let mut done = 0u64;
+            while done < len {
+                let n = (len - done).min(CHUNK as u64) as usize;
+                fs.read_at(file, &mut buf[..n], from + done)?;
+                fs.write_at(to, &buf[..n], done)?;
+                done += n as u64;
+            }
+            Ok(())
+        })
+    }
+
+    /// Writes a quarantine item (its bytes by `write`) and its reason file.
+    fn copy(
+        &self,
+        out: &mut Vec<Finding>,
+        f: Finding,
+        write: impl FnOnce(&dyn Fs, &File) -> io::Result<()>,
+    ) -> io::Result<()> {
         if self.fix {
             let base = format!(
                 "{}@{}",
@@ -539,7 +576,7 @@ impl Quarantine {
             let file = self
                 .fs
                 .open(&self.dir.join(format!("{stem}.bin")), Open::Create)?;
-            self.fs.write_at(&file, bytes, 0)?;
+            write(&*self.fs, &file)?;
             self.fs.sync(&file, true)?;
             self.write_reason(&stem, &f)?;
             self.fs.sync_dir(&self.dir)?;

@@ -367,3 +367,64 @@ async fn drop_does_not_block_the_runtime_thread() {
     );
     assert_eq!(ids_after_reopen(tmp.path()).await.len(), 1);
 }
+
+/// A large garbage tail, in which every byte looks like the start of a
+/// 16 MiB frame, is quarantined on open in bounded time and memory: the
+/// search for the next good frame stops after a bounded amount of
+/// checking, and the tail is copied to quarantine in pieces.
+#[test]
+fn large_garbage_tail_is_quarantined_in_bounded_time_and_memory() {
+    const GARBAGE: usize = 40 << 20;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(fill(tmp.path(), 3));
+    let seg = tmp.path().join("segments").join("00000001.log");
+    {
+        use std::io::Write as _;
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&seg)
+            .expect("segment");
+        let chunk = vec![1u8; 1 << 20];
+        for _ in 0..GARBAGE >> 20 {
+            f.write_all(&chunk).expect("garbage");
+        }
+    }
+    let faults = Faults::new();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (dir, f) = (tmp.path().to_path_buf(), faults.clone());
+    std::thread::spawn(move || {
+        let r = rt.block_on(async move {
+            let spool = open(&dir, &f).await;
+            let n = spool.lease(10, TTL).await.map(|v| v.len());
+            let q = spool.stats().await.map(|s| s.quarantined_total);
+            drop(spool);
+            (n, q)
+        });
+        let _ = tx.send(r);
+    });
+    let limit = Duration::from_secs(60);
+    let (leased, quarantined) = rx.recv_timeout(limit).unwrap_or_else(|_| {
+        panic!(
+            "opening a spool with a {} MiB garbage tail took more than {limit:?} ({} reads so far)",
+            GARBAGE >> 20,
+            faults.calls(Op::Read)
+        )
+    });
+    assert_eq!(leased.expect("lease"), 3, "the good records stay");
+    assert!(quarantined.expect("stats") >= 1, "the tail is quarantined");
+    let biggest = faults
+        .trace()
+        .iter()
+        .filter(|e| matches!(e.op, Op::Read | Op::Write))
+        .map(|e| e.len)
+        .max()
+        .unwrap_or(0);
+    assert!(
+        biggest < GARBAGE / 2,
+        "one call moved {biggest} bytes of a {GARBAGE}-byte tail"
+    );
+}
