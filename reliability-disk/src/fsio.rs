@@ -248,6 +248,7 @@ pub mod faults {
         rules: Mutex<Vec<Rule>>,
         calls: [AtomicU64; 8],
         fired: AtomicU64,
+        fired_on: [AtomicU64; 8],
         trace: Mutex<Vec<Event>>,
         held: Mutex<Option<Op>>,
         released: Condvar,
@@ -294,6 +295,11 @@ pub mod faults {
             self.fired.load(Ordering::Acquire)
         }
 
+        /// Faults injected so far into calls of `op`.
+        pub fn fired_on(&self, op: Op) -> u64 {
+            self.fired_on[op.slot()].load(Ordering::Acquire)
+        }
+
         /// Every call so far, in order (the first 100,000).
         pub fn trace(&self) -> Vec<Event> {
             lock(&self.trace).clone()
@@ -329,6 +335,7 @@ pub mod faults {
                 .map(|r| r.fault);
             if fault.is_some() {
                 self.fired.fetch_add(1, Ordering::AcqRel);
+                self.fired_on[op.slot()].fetch_add(1, Ordering::AcqRel);
             }
             let mut trace = lock(&self.trace);
             if trace.len() < TRACE_MAX {
