@@ -31,10 +31,15 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# The path of the disk_spool bench executable built in the current dir.
+# The absolute path of the disk_spool bench executable built in the
+# current dir (CARGO_TARGET_DIR may point both builds at one target dir:
+# the dependencies are then built once).
 bench_bin() {
-  cargo bench --features disk --bench disk_spool --no-run 2>&1 >/dev/null |
-    sed -n 's/.*Executable .*(\(.*disk_spool-[0-9a-f]*\)).*/\1/p' | tail -1
+  local bin
+  bin=$(cargo bench --features disk --bench disk_spool --no-run 2>&1 >/dev/null |
+    sed -n 's/.*Executable .*(\(.*disk_spool-[0-9a-f]*\)).*/\1/p' | tail -1)
+  [[ $bin == /* ]] || bin="$PWD/$bin"
+  echo "$bin"
 }
 
 if [[ -z "${BENCH_AB_OLD:-}" ]]; then
@@ -46,8 +51,8 @@ old_dir="${BENCH_AB_DIR:-${TMPDIR:-/tmp}/disk-ab-$BENCH_AB_OLD}"
 if [[ ! -d "$old_dir" ]]; then
   git worktree add --detach "$old_dir" "$BENCH_AB_OLD" >&2
 fi
-new_bin="$PWD/$(bench_bin)"
-old_bin="$(cd "$old_dir" && echo "$PWD/$(bench_bin)")"
+new_bin=$(bench_bin)
+old_bin=$(cd "$old_dir" && bench_bin)
 echo "A/B: old $BENCH_AB_OLD ($old_bin) vs new $(git rev-parse --short HEAD) ($new_bin)"
 export BENCH_ONLY="${BENCH_ONLY:-rawthread,1,64}"
 runs="${BENCH_AB_RUNS:-6}"

@@ -790,6 +790,47 @@ impl DiskSpool {
         }
     }
 
+    /// Reads the payloads of the records `lease` picked (and logged as
+    /// leased) and hands them out. Corrupt ones go to quarantine and leave
+    /// the spool; if a read fails (EIO, EMFILE, ...), every picked record
+    /// is given back and the call fails.
+    async fn hand_out(&self, picked: Vec<Picked>) -> Result<Vec<Leased>> {
+        let wanted = picked.iter().map(|p| (p.id.clone(), p.loc)).collect();
+        let read = self.read_payloads(wanted).await;
+        let mut out = Vec::with_capacity(picked.len());
+        let mut lost = Vec::new();
+        let mut taken = Vec::with_capacity(picked.len());
+        let mut failed = None;
+        for (p, r) in picked.into_iter().zip(read) {
+            match r {
+                Ok(payload) => {
+                    taken.push((p.id.clone(), p.token));
+                    out.push(Leased::new(
+                        Record::new(p.id.clone(), payload, p.attempts, p.enqueued_at),
+                        SpoolToken::new(p.id, p.token),
+                    ));
+                }
+                Err((at, ReadError::Corrupt { .. })) => lost.push((p.id, at)),
+                Err((_, ReadError::Io(e))) => {
+                    taken.push((p.id, p.token));
+                    failed.get_or_insert(e);
+                }
+            }
+        }
+        self.forget_corrupt(lost);
+        if let Some(e) = failed {
+            // Nothing is known about the bytes: the records stay, ready
+            // again, and the caller tries later.
+            self.release(&taken).await;
+            return Err(io_error(
+                "cannot read leased records back (they stay in the spool)",
+                &self.shared.dir,
+                e,
+            ));
+        }
+        Ok(out)
+    }
+
     /// Reads the payloads of `wanted` (id, where its enqueue frame was)
     /// on a blocking thread, never on the runtime's; copies the bytes of
     /// those that are corrupt to quarantine there too. Results in order.
@@ -1080,40 +1121,7 @@ impl Spool for DiskSpool {
             (self.send(&mut st, frames, false, 0, None)?, picked)
         };
         self.wait(rx, "lease failed").await?;
-        let wanted = picked.iter().map(|p| (p.id.clone(), p.loc)).collect();
-        let read = self.read_payloads(wanted).await;
-        let mut out = Vec::with_capacity(picked.len());
-        let mut lost = Vec::new();
-        let mut taken = Vec::with_capacity(picked.len());
-        let mut failed = None;
-        for (p, r) in picked.into_iter().zip(read) {
-            match r {
-                Ok(payload) => {
-                    taken.push((p.id.clone(), p.token));
-                    out.push(Leased::new(
-                        Record::new(p.id.clone(), payload, p.attempts, p.enqueued_at),
-                        SpoolToken::new(p.id, p.token),
-                    ));
-                }
-                Err((at, ReadError::Corrupt { .. })) => lost.push((p.id, at)),
-                Err((_, ReadError::Io(e))) => {
-                    taken.push((p.id, p.token));
-                    failed.get_or_insert(e);
-                }
-            }
-        }
-        self.forget_corrupt(lost);
-        if let Some(e) = failed {
-            // Nothing is known about the bytes: the records stay, ready
-            // again, and the caller tries later.
-            self.release(&taken).await;
-            return Err(io_error(
-                "cannot read leased records back (they stay in the spool)",
-                &self.shared.dir,
-                e,
-            ));
-        }
-        Ok(out)
+        self.hand_out(picked).await
     }
 
     async fn ack(&self, token: &SpoolToken) -> Result<()> {

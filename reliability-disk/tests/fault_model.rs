@@ -173,7 +173,7 @@ impl Run<'_> {
             }
             Step::Heal => self.faults.clear(),
         }
-        self.check_sync_failures_show()
+        self.check_sync_failures_show().await
     }
 
     /// Closes (or drops) the spool and opens it again through the faults;
@@ -215,14 +215,22 @@ impl Run<'_> {
         SYNC_FIRED.fetch_add(sync_faults(&self.faults), Ordering::Relaxed);
     }
 
-    /// A sync that failed has stopped the spool.
-    fn check_sync_failures_show(&self) -> Result<(), String> {
+    /// A sync that failed has stopped the spool. The writer may hit it
+    /// after answering the call (compaction runs after the replies): the
+    /// stop is awaited, with a deadline.
+    async fn check_sync_failures_show(&self) -> Result<(), String> {
         let Some(spool) = &self.spool else {
             return Ok(());
         };
-        let lost_sync = sync_faults(&self.faults) > self.syncs_failed_before;
-        if lost_sync && spool.health().is_ok() {
-            return Err("a sync failed and the spool's health says nothing".into());
+        if sync_faults(&self.faults) == self.syncs_failed_before {
+            return Ok(());
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while spool.health().is_ok() {
+            if std::time::Instant::now() >= deadline {
+                return Err("a sync failed and the spool's health says nothing".into());
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
         }
         Ok(())
     }
