@@ -32,8 +32,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # The absolute path of the disk_spool bench executable built in the
-# current dir (CARGO_TARGET_DIR may point both builds at one target dir:
-# the dependencies are then built once).
+# current dir. Each worktree builds in a target dir of its own: in a shared
+# one both commits' bench binaries get the same name.
 bench_bin() {
   local bin
   bin=$(cargo bench --features disk --bench disk_spool --no-run 2>&1 >/dev/null |
