@@ -442,6 +442,18 @@ impl fmt::Debug for DiskSpool {
     }
 }
 
+/// A held directory lock: released explicitly when dropped (closing the
+/// file alone would leave it held while a process forked meanwhile still
+/// has the descriptor, until that process execs).
+#[derive(Debug)]
+pub(crate) struct DirLock(pub(crate) File);
+
+impl Drop for DirLock {
+    fn drop(&mut self) {
+        let _ = fs4::FileExt::unlock(&self.0);
+    }
+}
+
 /// Takes the exclusive OS lock of `dir/LOCK` (released by the OS when the
 /// process dies: no stale lock file after kill -9).
 ///
@@ -553,7 +565,7 @@ fn open_blocking(
         active,
         counts,
         (files.clone(), state.clone(), stopped.clone()),
-        lock,
+        DirLock(lock),
     )
     .map_err(|e| io_error("cannot open the active segment", &dir, e))?;
     writer.fault = fault;

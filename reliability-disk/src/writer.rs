@@ -32,7 +32,7 @@ use crate::fsio::{Open, SharedFs};
 use crate::index::Loc;
 use crate::recover::{segment_header, segment_path, segments_dir, PAD_GRID, SEG_HEADER_LEN};
 use crate::relocate::{Move, Relocator};
-use crate::spool::{DiskSpoolConfig, FsyncMode, ReadFiles, State};
+use crate::spool::{DirLock, DiskSpoolConfig, FsyncMode, ReadFiles, State};
 
 /// Largest batch the writer gathers before writing.
 const MAX_BATCH_BYTES: usize = 8 * 1024 * 1024;
@@ -127,7 +127,7 @@ pub(crate) struct Writer {
     /// Set when a sync failed: nothing is written, synced or deleted after.
     pub(crate) stopped: Stopped,
     /// The directory's lock, released when the writer ends.
-    _lock: File,
+    _lock: DirLock,
     dirty: bool,
     last_sync: Instant,
     /// Requests the last sync of a batch answered.
@@ -147,7 +147,7 @@ impl Writer {
         active: (u32, u64, u64),
         counts: BTreeMap<u32, Pin>,
         shared: (Arc<ReadFiles>, Arc<Mutex<State>>, Stopped),
-        lock: File,
+        lock: DirLock,
     ) -> io::Result<Self> {
         let (files, state, stopped) = shared;
         let (seg, len, keep) = active;
