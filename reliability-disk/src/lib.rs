@@ -102,6 +102,34 @@
 //! torn tail is truncated. A second open finds nothing left to quarantine.
 //! [`inspect`] reports what a directory holds without changing it;
 //! [`repair`] does the quarantining without opening a spool.
+//!
+//! # I/O faults
+//!
+//! Only bytes that were read and fail their checksum or decoding (or that
+//! are gone: a missing segment, a file cut short) are corruption. A read
+//! that fails (EIO, EMFILE when the process is out of descriptors) is an
+//! [`UnavailableReason::Io`](reliability_core::UnavailableReason::Io)
+//! error to the caller and the records stay: `lease` gives the records it
+//! took back (ready again, the attempt counted), `list_dead` lists nothing.
+//! A failed write (ENOSPC, EIO) fails its batch, and the segment is cut
+//! back to where the batch began.
+//!
+//! A failed `fsync`/`fdatasync` (of a segment or a directory, in any
+//! [`FsyncMode`]) stops the spool for good. The kernel may have dropped
+//! the dirty pages and reports the error once: a retry on the same
+//! descriptor would succeed without the data being on disk, and a
+//! compaction after it could delete the only synced copy of relocated
+//! records. So the writer never syncs, compacts or relocates again; the
+//! requests the sync covered fail (an `enqueue` is never acknowledged), and
+//! so does every later one; [`DiskSpool::health`] and `stats` fail with
+//! the reason (a status built from them turns unhealthy). Reopening the
+//! spool, which replays what is really on disk, is the only way back (as
+//! PostgreSQL recovers from its log).
+//!
+//! Payload reads, quarantine copies and their syncs run on blocking
+//! threads, never on the async runtime's workers. Dropping a spool inside
+//! a runtime does not wait there for the writer's final sync;
+//! [`DiskSpool::close`] does, and so does the next open of the directory.
 #![doc(test(attr(deny(warnings))))]
 
 pub mod codec;

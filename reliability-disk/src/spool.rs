@@ -50,7 +50,8 @@ pub enum FsyncMode {
     #[default]
     Always,
     /// The writer syncs at most this long after a write; a power loss may
-    /// lose that much.
+    /// lose that much. A failed periodic sync stops the spool (see the
+    /// crate docs, I/O faults): it no longer claims this durability.
     Interval(Duration),
     /// Never explicitly (except when sealing a segment, before compaction
     /// and on close); survives a process crash, not a power loss.
