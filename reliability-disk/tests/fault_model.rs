@@ -1,5 +1,5 @@
 //! Random sequences of enqueue / lease / ack / nack / relocation /
-//! reopen with faults injected anywhere in the spool's file-system calls
+//! reopen, in every fsync mode, with faults injected anywhere in the spool's file-system calls
 //! (EIO, EMFILE, ENOSPC, a lost fdatasync; on any call kind, once or from
 //! a call on). Invariants:
 //! - every record whose enqueue answered `Ok` is present after the final
@@ -26,7 +26,7 @@ use proptest::prelude::*;
 use proptest::test_runner::{Config, RngAlgorithm, TestCaseError, TestRng, TestRunner};
 use reliability_core::{system_clock, ManualClock, NewRecord, RecordId, Spool, SpoolToken};
 use reliability_disk::faults::{Fault, Faults, Op};
-use reliability_disk::DiskSpool;
+use reliability_disk::{DiskSpool, FsyncMode};
 
 const TTL: Duration = Duration::from_secs(60);
 
@@ -91,6 +91,7 @@ fn record(id: &str) -> NewRecord {
 struct Run<'a> {
     dir: &'a Path,
     relocate_below: u8,
+    fsync: FsyncMode,
     faults: Arc<Faults>,
     spool: Option<DiskSpool>,
     /// Enqueued with `Ok` and not acked by the test.
@@ -104,6 +105,7 @@ struct Run<'a> {
 impl Run<'_> {
     async fn open(&self, faults: Option<&Arc<Faults>>) -> reliability_core::Result<DiskSpool> {
         let mut b = DiskSpool::builder(self.dir)
+            .fsync(self.fsync)
             .segment_max_bytes(2048)
             .preallocate_bytes(1024)
             .relocate_below_percent(self.relocate_below);
@@ -299,7 +301,7 @@ fn scratch() -> std::io::Result<tempfile::TempDir> {
     tempfile::tempdir_in(base)
 }
 
-fn run_case(steps: &[Step], relocate_below: u8) -> Result<(), String> {
+fn run_case(steps: &[Step], relocate_below: u8, fsync: FsyncMode) -> Result<(), String> {
     let tmp = scratch().map_err(|e| e.to_string())?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -309,6 +311,7 @@ fn run_case(steps: &[Step], relocate_below: u8) -> Result<(), String> {
         let mut run = Run {
             dir: tmp.path(),
             relocate_below,
+            fsync,
             faults: Faults::new(),
             spool: None,
             must: BTreeSet::new(),
@@ -356,9 +359,15 @@ fn no_fault_loses_an_acknowledged_record() {
     };
     let mut runner =
         TestRunner::new_with_rng(config, TestRng::from_seed(RngAlgorithm::ChaCha, &key));
-    let strategy = (prop::collection::vec(step(), 1..30), prop::bool::ANY);
-    let result = runner.run(&strategy, |(steps, eager)| {
-        run_case(&steps, if eager { 100 } else { 0 }).map_err(TestCaseError::fail)
+    let modes = prop::sample::select(vec![
+        FsyncMode::Always,
+        FsyncMode::Always,
+        FsyncMode::Interval(Duration::from_millis(2)),
+        FsyncMode::Never,
+    ]);
+    let strategy = (prop::collection::vec(step(), 1..30), prop::bool::ANY, modes);
+    let result = runner.run(&strategy, |(steps, eager, fsync)| {
+        run_case(&steps, if eager { 100 } else { 0 }, fsync).map_err(TestCaseError::fail)
     });
     if let Err(e) = result {
         panic!("fault model failed (reproduce with FAULT_SEED={seed}): {e}");
