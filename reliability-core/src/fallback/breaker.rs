@@ -100,7 +100,8 @@ pub trait Probe: Send + Sync + fmt::Debug + 'static {
 ///   ([`Breaker::isolate`]) until [`Breaker::release`].
 ///
 /// The probe also runs while Closed, so an outage is detected without
-/// traffic. Every transition is a `tracing` event and a change on the
+/// traffic; there only its failures count (a probe that answers while the
+/// calls fail must not keep the breaker closed). Every transition is a `tracing` event and a change on the
 /// [`subscribe`](Breaker::subscribe) channel.
 ///
 /// ```
@@ -115,8 +116,8 @@ pub trait Probe: Send + Sync + fmt::Debug + 'static {
 ///     breaker.record_failure(&down);
 /// }
 /// assert_eq!(breaker.state(), BreakerState::Open);
-/// breaker.record_success(); // a probe succeeded
-/// breaker.record_success();
+/// breaker.record_probe_success(); // half-open
+/// breaker.record_success(); // a call succeeded
 /// assert_eq!(breaker.state(), BreakerState::Closed);
 /// ```
 pub struct Breaker {
@@ -125,6 +126,13 @@ pub struct Breaker {
     state: AtomicU8,
     inner: Mutex<Inner>,
     changes: watch::Sender<BreakerStatus>,
+}
+
+/// Who saw the primary answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Source {
+    Call,
+    Probe,
 }
 
 #[derive(Debug)]
@@ -223,9 +231,17 @@ impl Breaker {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The primary answered (a call or a probe).
+    /// The primary answered a call (a probe's success is
+    /// [`record_probe_success`](Self::record_probe_success)).
     pub fn record_success(&self) {
+        self.succeeded(Source::Call);
+    }
+
+    fn succeeded(&self, source: Source) {
         let mut g = self.lock();
+        if source == Source::Probe && g.state == BreakerState::Closed {
+            return;
+        }
         let now = self.clock.now();
         self.roll_window(&mut g, now);
         g.consecutive_failures = 0;
@@ -248,6 +264,15 @@ impl Breaker {
                 }
             }
         }
+    }
+
+    /// The background probe succeeded. While Closed this changes nothing:
+    /// a `PING` that answers says nothing of the calls (scripts refused, a
+    /// slot down), so it neither resets their consecutive failures nor
+    /// dilutes their failure ratio. Open: moves to HalfOpen (or Closed);
+    /// HalfOpen: counts toward the successes that close.
+    pub fn record_probe_success(&self) {
+        self.succeeded(Source::Probe);
     }
 
     /// The primary failed with an unavailable error or a timeout (a call or
@@ -396,7 +421,7 @@ impl Breaker {
                 let started = std::time::Instant::now();
                 let outcome = match tokio::time::timeout(deadline, probe.probe()).await {
                     Ok(Ok(())) => {
-                        breaker.record_success();
+                        breaker.record_probe_success();
                         "ok"
                     }
                     Ok(Err(e)) => {
@@ -563,6 +588,90 @@ mod tests {
                 Err(down())
             }
         }
+    }
+
+    /// A probe that always succeeds and says when it ran.
+    #[derive(Debug, Default)]
+    struct Healthy {
+        runs: std::sync::atomic::AtomicU32,
+        ran: tokio::sync::Notify,
+    }
+
+    #[async_trait]
+    impl Probe for Healthy {
+        async fn probe(&self) -> Result<()> {
+            self.runs.fetch_add(1, Ordering::SeqCst);
+            self.ran.notify_waiters();
+            Ok(())
+        }
+    }
+
+    impl Healthy {
+        /// Waits until the probe ran at least once more (and its outcome
+        /// was recorded: the task records before its next tick).
+        async fn next_run(&self) {
+            let before = self.runs.load(Ordering::SeqCst);
+            while self.runs.load(Ordering::SeqCst) <= before + 1 {
+                let ran = self.ran.notified();
+                if self.runs.load(Ordering::SeqCst) > before + 1 {
+                    break;
+                }
+                ran.await;
+            }
+        }
+    }
+
+    /// PING answers while every call fails (scripts refused, a slot down):
+    /// the probe's successes must not reset the count of failed calls.
+    #[tokio::test(start_paused = true)]
+    async fn probe_successes_do_not_mask_call_failures_while_closed() {
+        let clock = ManualClock::new();
+        let b = Arc::new(breaker(&clock));
+        let probe = Arc::new(Healthy::default());
+        let _task = b.spawn_probe(
+            probe.clone(),
+            Duration::from_millis(10),
+            Duration::from_millis(5),
+        );
+        for _ in 0..2 {
+            b.record_failure(&down());
+            probe.next_run().await;
+        }
+        b.record_failure(&down());
+        assert_eq!(b.state(), BreakerState::Open, "three calls failed in a row");
+    }
+
+    /// Nor do they dilute the failure ratio: half the calls fail, the probe
+    /// succeeds in between.
+    #[tokio::test(start_paused = true)]
+    async fn probe_successes_do_not_dilute_the_failure_ratio() {
+        let clock = ManualClock::new();
+        let b = Arc::new(Breaker::new(
+            BreakerConfig::default()
+                .with_failure_threshold(100)
+                .with_failure_ratio(0.5, Duration::from_secs(10), 20),
+            Arc::new(clock.clone()),
+        ));
+        let probe = Arc::new(Healthy::default());
+        let _task = b.spawn_probe(
+            probe.clone(),
+            Duration::from_millis(10),
+            Duration::from_millis(5),
+        );
+        let mut opened_at = None;
+        for i in 0..30 {
+            if i % 2 == 0 {
+                b.record_failure(&down());
+                if b.state() == BreakerState::Open {
+                    opened_at = Some(i);
+                    break;
+                }
+            } else {
+                b.record_success();
+            }
+            probe.next_run().await;
+        }
+        assert_eq!(opened_at, Some(20), "11 of 21 calls failed");
     }
 
     #[tokio::test(start_paused = true)]
