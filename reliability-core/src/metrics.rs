@@ -13,6 +13,7 @@
 //! | `reliability_reconcile_pending` | gauge | | local claims not yet replayed to the primary |
 //! | `reliability_reconcile_replayed_total` | counter | | claims replayed to the primary |
 //! | `reliability_reconcile_conflicts_total` | counter | | replayed claims the primary already held |
+//! | `reliability_primary_data_loss_total` | counter | `cause` (`restarted`, `failover`) | times the primary was found to have lost data (its identity changed) |
 //! | `reliability_drain_moved_total` | counter | | spool records moved from the secondary to the primary |
 //! | `reliability_spool_depth` | gauge | `state` (`ready`, `delayed`, `leased`, `dead`) | spool records, when the host reads [`Spool::stats`](crate::Spool::stats) through [`record_spool_stats`] |
 
@@ -93,6 +94,14 @@ pub fn record_reconcile_pending(pending: u64) {
     metrics::gauge!("reliability_reconcile_pending").set(pending as f64);
     #[cfg(not(feature = "metrics"))]
     let _ = pending;
+}
+
+/// The primary was found to have lost data.
+pub(crate) fn primary_data_loss(cause: &'static str) {
+    #[cfg(feature = "metrics")]
+    metrics::counter!("reliability_primary_data_loss_total", "cause" => cause).increment(1);
+    #[cfg(not(feature = "metrics"))]
+    let _ = cause;
 }
 
 /// Records moved back to the primary by a drain.

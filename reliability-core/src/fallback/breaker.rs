@@ -1,7 +1,7 @@
 //! The circuit breaker of `Fallback` (docs on [`Breaker`]).
 
 use std::fmt;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -77,6 +77,53 @@ pub trait Probe: Send + Sync + fmt::Debug + 'static {
     /// # Errors
     /// Any error means "not healthy"; unavailable errors are expected.
     async fn probe(&self) -> Result<()>;
+
+    /// [`probe`](Self::probe), also saying which server and which data
+    /// history answered, so the breaker notices a primary that lost data
+    /// ([`Breaker::observe_identity`]). The background probe calls this.
+    ///
+    /// # Behavior
+    /// As `probe`. The default runs `probe` and reports no identity.
+    ///
+    /// # Errors
+    /// As `probe`.
+    async fn probe_identity(&self) -> Result<Option<PrimaryIdentity>> {
+        self.probe().await.map(|()| None)
+    }
+}
+
+/// Which server process and which data history a primary answers from: a
+/// change of either means the primary may have lost writes (Redis: `run_id`
+/// changes on every restart, `master_replid` when a failover promotes a
+/// replica).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub struct PrimaryIdentity {
+    /// The server process (Redis `run_id`).
+    pub run_id: String,
+    /// The history of its data (Redis `master_replid`), if known.
+    pub replication_id: Option<String>,
+}
+
+impl PrimaryIdentity {
+    /// An identity of process `run_id` and data history `replication_id`.
+    pub fn new(run_id: impl Into<String>, replication_id: Option<String>) -> Self {
+        Self {
+            run_id: run_id.into(),
+            replication_id,
+        }
+    }
+
+    /// Why `self` following `before` means the data may be lost, if it does.
+    fn lost_since(&self, before: &PrimaryIdentity) -> Option<&'static str> {
+        if self.run_id != before.run_id {
+            Some("restarted")
+        } else if self.replication_id != before.replication_id {
+            Some("failover")
+        } else {
+            None
+        }
+    }
 }
 
 /// A circuit breaker shared by every [`Fallback`](super::Fallback) in front
@@ -125,6 +172,8 @@ pub struct Breaker {
     clock: SharedClock,
     state: AtomicU8,
     inner: Mutex<Inner>,
+    /// Times the primary was found to have lost data.
+    data_losses: AtomicU64,
     changes: watch::Sender<BreakerStatus>,
 }
 
@@ -145,6 +194,9 @@ struct Inner {
     window_calls: u32,
     window_failures: u32,
     last_error: Option<String>,
+    identity: Option<PrimaryIdentity>,
+    /// When and why the primary last lost data.
+    data_loss: Option<(Timestamp, &'static str)>,
 }
 
 impl fmt::Debug for Breaker {
@@ -192,7 +244,10 @@ impl Breaker {
                 window_calls: 0,
                 window_failures: 0,
                 last_error: None,
+                identity: None,
+                data_loss: None,
             }),
+            data_losses: AtomicU64::new(0),
             changes,
         }
     }
@@ -310,6 +365,41 @@ impl Breaker {
         }
     }
 
+    /// The identity the primary answered from (see [`Probe::probe_identity`]).
+    /// A change from the last one seen means the primary may have lost data:
+    /// a `warn` event, the metric `reliability_primary_data_loss_total`, the
+    /// status's `dataLostAt`, and [`data_losses`](Self::data_losses) grows,
+    /// which the fallbacks in front of this primary act on (the idempotency
+    /// store replays the claims it completed there).
+    pub fn observe_identity(&self, identity: PrimaryIdentity) {
+        let mut g = self.lock();
+        let cause = g
+            .identity
+            .as_ref()
+            .and_then(|before| identity.lost_since(before));
+        let before = g.identity.replace(identity);
+        let Some(cause) = cause else {
+            return;
+        };
+        let now = self.clock.now();
+        g.data_loss = Some((now, cause));
+        let n = self.data_losses.fetch_add(1, Ordering::AcqRel) + 1;
+        warn!(
+            cause,
+            data_losses = n,
+            before = ?before,
+            now = ?g.identity,
+            "the primary may have lost data"
+        );
+        crate::metrics::primary_data_loss(cause);
+        self.publish(&g);
+    }
+
+    /// Times the primary was found to have lost data since start.
+    pub fn data_losses(&self) -> u64 {
+        self.data_losses.load(Ordering::Acquire)
+    }
+
     /// Opens the breaker now, recording `error` as the last error: calls go
     /// to the secondary at once and the probe decides when the primary takes
     /// traffic again. For a primary found unreachable at start, so a service
@@ -387,6 +477,9 @@ impl Breaker {
         if let Some(e) = &g.last_error {
             status = status.with_last_error(e);
         }
+        if let Some((at, cause)) = g.data_loss {
+            status = status.with_data_loss(at, cause, self.data_losses());
+        }
         self.changes.send_if_modified(|s| {
             if *s == status {
                 false
@@ -419,8 +512,11 @@ impl Breaker {
                     continue;
                 }
                 let started = std::time::Instant::now();
-                let outcome = match tokio::time::timeout(deadline, probe.probe()).await {
-                    Ok(Ok(())) => {
+                let outcome = match tokio::time::timeout(deadline, probe.probe_identity()).await {
+                    Ok(Ok(identity)) => {
+                        if let Some(identity) = identity {
+                            breaker.observe_identity(identity);
+                        }
                         breaker.record_probe_success();
                         "ok"
                     }
@@ -672,6 +768,25 @@ mod tests {
             probe.next_run().await;
         }
         assert_eq!(opened_at, Some(20), "11 of 21 calls failed");
+    }
+
+    #[test]
+    fn a_new_identity_is_a_data_loss_with_its_time_and_cause() {
+        let clock = ManualClock::new();
+        let b = breaker(&clock);
+        let id = |run: &str, repl: &str| PrimaryIdentity::new(run, Some(repl.to_string()));
+        b.observe_identity(id("a", "x"));
+        b.observe_identity(id("a", "x"));
+        assert_eq!(b.data_losses(), 0, "first sight and same identity");
+        clock.advance(Duration::from_secs(5));
+        b.observe_identity(id("b", "y"));
+        let s = b.status();
+        assert_eq!(b.data_losses(), 1);
+        assert_eq!(s.data_lost_at, Some(clock.now()));
+        assert_eq!(s.data_loss.as_deref(), Some("restarted"));
+        b.observe_identity(id("b", "z"));
+        assert_eq!(b.status().data_loss.as_deref(), Some("failover"));
+        assert_eq!(b.status().data_losses, 2);
     }
 
     #[tokio::test(start_paused = true)]

@@ -43,11 +43,13 @@
 
 mod breaker;
 mod idempotency;
+mod journal;
 mod spool;
 mod status;
 
-pub use breaker::{Breaker, BreakerConfig, Probe, ProbeTask};
+pub use breaker::{Breaker, BreakerConfig, PrimaryIdentity, Probe, ProbeTask};
 pub use idempotency::ReconcileReport;
+pub use journal::{JournalLimits, JournalUsage};
 pub use spool::DrainReport;
 pub use status::{apply_breaker, spawn_status_bridge};
 

@@ -31,7 +31,8 @@ use crate::clock::Timestamp;
 use crate::error::{Error, Result, UnavailableReason};
 use crate::idempotency::LeaseToken;
 use crate::spool::{
-    DeadReason, DeadRecord, Enqueued, Leased, NackOutcome, NewRecord, Spool, SpoolStats, SpoolToken,
+    DeadReason, DeadRecord, Enqueued, Leased, NackOutcome, NewRecord, Record, RecordId, Spool,
+    SpoolStats, SpoolToken,
 };
 
 /// Records moved per drain step.
@@ -44,15 +45,67 @@ const DRAIN_LEASE: Duration = Duration::from_secs(30);
 /// secondary's answer (idempotent ack, `LeaseLost`), not the primary's.
 const ROUTE_KEEP: Duration = Duration::from_secs(600);
 
-/// Leases the secondary handed out, by token, with their end.
+/// Leases the secondary handed out, by token, with their end; and the
+/// leases drains took from the secondary, by record.
 #[derive(Debug, Default)]
-pub(super) struct LocalLeases(Mutex<HashMap<LeaseToken, Timestamp>>);
+pub(super) struct LocalLeases {
+    routes: Mutex<HashMap<LeaseToken, Timestamp>>,
+    drained: Mutex<HashMap<RecordId, u32>>,
+}
 
 impl LocalLeases {
     fn lock(&self) -> MutexGuard<'_, HashMap<LeaseToken, Timestamp>> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner())
+        self.routes.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn drained(&self) -> MutexGuard<'_, HashMap<RecordId, u32>> {
+        self.drained.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A drain leased these records: one more lease of each that was no
+    /// delivery attempt.
+    fn borrow(&self, batch: &[Leased]) {
+        let mut d = self.drained();
+        if d.len() > MAX_DRAIN_BORROWS {
+            // Records gone from the secondary some other way: start over.
+            d.clear();
+        }
+        for l in batch {
+            *d.entry(l.record.id.clone()).or_default() += 1;
+        }
+    }
+
+    /// The record's delivery attempts: its count minus the drains' leases.
+    fn attempts(&self, record: &Record) -> u32 {
+        let borrowed = self.drained().get(&record.id).copied().unwrap_or(0);
+        record.attempts.saturating_sub(borrowed)
+    }
+
+    /// Corrects the attempts of records the secondary delivers.
+    fn correct(&self, got: &mut [Leased]) {
+        let d = self.drained();
+        if d.is_empty() {
+            return;
+        }
+        for l in got {
+            if let Some(n) = d.get(&l.record.id) {
+                l.record.attempts = l.record.attempts.saturating_sub(*n);
+            }
+        }
+    }
+
+    /// The record left the secondary.
+    fn settled(&self, id: &RecordId) {
+        let mut d = self.drained();
+        if !d.is_empty() {
+            d.remove(id);
+        }
     }
 }
+
+/// Records whose drain leases are remembered at most (a bound on memory:
+/// past it the corrections start over).
+const MAX_DRAIN_BORROWS: usize = 1 << 20;
 
 /// What one [`Fallback::drain`] did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -76,7 +129,8 @@ impl<P: Spool, S: Spool> Fallback<P, S> {
     }
 
     async fn lease_local(&self, max: usize, ttl: Duration) -> Result<Vec<Leased>> {
-        let got = self.secondary.lease(max, ttl).await?;
+        let mut got = self.secondary.lease(max, ttl).await?;
+        self.local_leases.correct(&mut got);
         if !got.is_empty() {
             let now = self.breaker.clock().now();
             let until = now.saturating_add(ttl);
@@ -123,14 +177,13 @@ impl<P: Spool, S: Spool> Fallback<P, S> {
             if batch.is_empty() {
                 break;
             }
+            // This lease is the drain's, not a delivery attempt.
+            self.local_leases.borrow(&batch);
             let records: Vec<NewRecord> = batch
                 .iter()
                 .map(|l| {
-                    NewRecord::new(l.record.id.clone(), l.record.payload.clone()).with_history(
-                        // This lease was the drain's, not a delivery attempt.
-                        l.record.attempts.saturating_sub(1),
-                        l.record.enqueued_at,
-                    )
+                    NewRecord::new(l.record.id.clone(), l.record.payload.clone())
+                        .with_history(self.local_leases.attempts(&l.record), l.record.enqueued_at)
                 })
                 .collect();
             let stored = tokio::time::timeout(self.deadline, self.primary.enqueue(records)).await;
@@ -143,6 +196,7 @@ impl<P: Spool, S: Spool> Fallback<P, S> {
                     for l in &batch {
                         // Only now may the secondary forget them.
                         self.secondary.ack(&l.token).await?;
+                        self.local_leases.settled(&l.record.id);
                     }
                 }
                 Ok(Err(e)) if !e.is_unavailable() => {
@@ -223,7 +277,9 @@ impl<P: Spool, S: Spool> Spool for Fallback<P, S> {
 
     async fn ack(&self, token: &SpoolToken) -> Result<()> {
         if self.is_local(token) {
-            return self.secondary.ack(token).await;
+            self.secondary.ack(token).await?;
+            self.local_leases.settled(token.id());
+            return Ok(());
         }
         self.primary_only(self.primary.ack(token)).await
     }
@@ -247,7 +303,9 @@ impl<P: Spool, S: Spool> Spool for Fallback<P, S> {
 
     async fn dead_letter(&self, token: &SpoolToken, reason: DeadReason) -> Result<()> {
         if self.is_local(token) {
-            return self.secondary.dead_letter(token, reason).await;
+            self.secondary.dead_letter(token, reason).await?;
+            self.local_leases.settled(token.id());
+            return Ok(());
         }
         self.primary_only(self.primary.dead_letter(token, reason))
             .await
