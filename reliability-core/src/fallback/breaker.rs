@@ -395,6 +395,11 @@ impl Breaker {
         self.publish(&g);
     }
 
+    /// The identity the primary last answered from, if the probe reports one.
+    pub fn identity(&self) -> Option<PrimaryIdentity> {
+        self.lock().identity.clone()
+    }
+
     /// Times the primary was found to have lost data since start.
     pub fn data_losses(&self) -> u64 {
         self.data_losses.load(Ordering::Acquire)

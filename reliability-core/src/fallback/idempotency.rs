@@ -647,6 +647,9 @@ impl<P: IdempotencyStore, S: IdempotencyStore> IdempotencyStore for Fallback<P, 
     }
 
     async fn claim(&self, key: &str, fingerprint: &Fingerprint, lease: Duration) -> Result<Claim> {
+        // A data loss the breaker just noticed is acted on before the
+        // emptied primary can hand out a completed key again.
+        self.after_data_loss();
         if self.journal_live(key) {
             if let Some(c) = self.claim_journaled(key, fingerprint, lease).await? {
                 return Ok(c);
