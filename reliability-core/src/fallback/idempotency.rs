@@ -49,6 +49,13 @@ pub(super) struct Journal {
     /// same key during an outage sees that this process holds it.
     primary_leases: Sharded<String, PrimaryLease>,
     versions: Versions,
+    /// Primary leases released while the primary did not answer: released
+    /// there by the next reconcile pass, before the key's replay (else the
+    /// primary keeps a claim of ours that a local claim then conflicts with).
+    unreleased: Sharded<String, Vec<Lease>>,
+    /// Striped by key: a local claim and a primary claim of the same key
+    /// that answered at the same time decide under it which one holds.
+    claim_locks: Sharded<String, ()>,
     conflicts: AtomicU64,
     replayed: AtomicU64,
     /// The breaker's count of primary data losses this journal acted on.
@@ -71,6 +78,8 @@ impl Journal {
             completed: Bounded::new(limits),
             primary_leases: Sharded::default(),
             versions: Versions::default(),
+            claim_locks: Sharded::default(),
+            unreleased: Sharded::default(),
             conflicts: AtomicU64::new(0),
             replayed: AtomicU64::new(0),
             losses_seen: AtomicU64::new(0),
@@ -100,12 +109,21 @@ pub struct ReconcileReport {
     pub expired: u64,
 }
 
+/// Which side answered a claim.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Side {
+    Primary,
+    Secondary,
+}
+
 /// The outcome of one entry's replay.
 enum Replayed {
     /// The primary holds the entry; for a pending one, under this lease.
     Held(Option<Lease>),
     /// The primary already held the key.
     Conflict,
+    /// Another holder's lease on the primary: not replayed yet.
+    Busy,
 }
 
 impl<P, S> Fallback<P, S> {
@@ -140,16 +158,18 @@ impl<P: IdempotencyStore, S: IdempotencyStore> Fallback<P, S> {
     pub fn pending_reconcile(&self) -> u64 {
         self.after_data_loss();
         let now = self.now();
-        self.journal
-            .entries
-            .each()
-            .map(|s| {
-                s.map
-                    .values()
-                    .filter(|e| !e.replayed && e.expires_at > now)
-                    .count()
-            })
-            .sum::<usize>() as u64
+        self.unreleased()
+            + self
+                .journal
+                .entries
+                .each()
+                .map(|s| {
+                    s.map
+                        .values()
+                        .filter(|e| !e.replayed && e.expires_at > now)
+                        .count()
+                })
+                .sum::<usize>() as u64
     }
 
     /// Conflicts found by reconciliation since the fallback was built.
@@ -233,6 +253,7 @@ impl<P: IdempotencyStore, S: IdempotencyStore> Fallback<P, S> {
         }
         let _pass = self.journal.reconciling.lock().await;
         report.expired = self.journal.entries.prune(self.now());
+        self.release_all_stale().await;
         for _ in 0..REPLAY_ROUNDS {
             let changed = self.replay_round(&mut report).await;
             if changed == 0 {
@@ -266,6 +287,8 @@ impl<P: IdempotencyStore, S: IdempotencyStore> Fallback<P, S> {
                     .map(|(k, e)| (k.clone(), e.clone())),
             );
         }
+        // In key order, so a pass is the same whatever the maps' hashing.
+        todo.sort_unstable_by(|a, b| a.0.cmp(&b.0));
         // Up to REPLAY_CONCURRENCY replays in flight: they pipeline on the
         // primary's connection, so a long outage's journal replays in a
         // fraction of the one-by-one time.
@@ -324,11 +347,12 @@ impl<P: IdempotencyStore, S: IdempotencyStore> Fallback<P, S> {
                 warn!(key = %key, "reconcile conflict: the primary already holds this key");
                 &self.journal.conflicts
             }
+            Replayed::Busy => return true,
         };
         counter.fetch_add(1, Ordering::Relaxed);
         let lease = match outcome {
             Replayed::Held(lease) => lease,
-            Replayed::Conflict => None,
+            Replayed::Conflict | Replayed::Busy => None,
         };
         let kept = self.journal.entries.update(key, self.now(), |e| {
             if lease.is_some() {
@@ -344,14 +368,77 @@ impl<P: IdempotencyStore, S: IdempotencyStore> Fallback<P, S> {
             Some(same) => same,
             None => {
                 if let Some(lease) = lease {
-                    let _ = self.primary.release(&lease).await;
+                    if self.primary.release(&lease).await.is_err() {
+                        self.release_later(lease);
+                    }
                 }
                 true
             }
         }
     }
 
+    /// Remembers a primary lease to release once the primary answers.
+    fn release_later(&self, lease: Lease) {
+        let mut shard = self.journal.unreleased.shard(lease.key());
+        let leases = shard.map.entry(lease.key().to_string()).or_default();
+        if !leases.contains(&lease) {
+            leases.push(lease);
+        }
+    }
+
+    fn unreleased(&self) -> u64 {
+        self.journal
+            .unreleased
+            .each()
+            .map(|s| s.map.len() as u64)
+            .sum()
+    }
+
+    /// Releases on the primary the leases of `key` released locally while
+    /// the primary did not answer, if any.
+    async fn release_stale(&self, key: &str) -> Result<()> {
+        let Some(leases) = self.journal.unreleased.get(key) else {
+            return Ok(());
+        };
+        for lease in leases {
+            match self.primary.release(&lease).await {
+                Ok(()) | Err(Error::LeaseLost { .. }) => {}
+                Err(e) => return Err(e),
+            }
+            let mut shard = self.journal.unreleased.shard(key);
+            if let Some(left) = shard.map.get_mut(key) {
+                left.retain(|l| *l != lease);
+                if left.is_empty() {
+                    shard.map.remove(key);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Releases every stale primary lease (see [`release_stale`](Self::release_stale)).
+    async fn release_all_stale(&self) {
+        let keys: Vec<String> = self
+            .journal
+            .unreleased
+            .each()
+            .flat_map(|s| s.map.keys().cloned().collect::<Vec<_>>())
+            .collect();
+        for key in keys {
+            if !self.breaker.routes_to_primary() {
+                return;
+            }
+            if let Err(e) = self.release_stale(&key).await {
+                if e.is_unavailable() {
+                    self.breaker.record_failure(&e);
+                }
+                return;
+            }
+        }
+    }
+
     async fn replay_one(&self, key: &str, entry: &JournalEntry, ttl: Duration) -> Result<Replayed> {
+        self.release_stale(key).await?;
         // A completion of a lease the primary may still honour.
         if let (EntryState::Completed(result), Some(lease)) = (&entry.state, &entry.primary) {
             match self.primary.complete(lease, result.clone(), ttl).await {
@@ -363,14 +450,22 @@ impl<P: IdempotencyStore, S: IdempotencyStore> Fallback<P, S> {
         match self.primary.claim(key, &entry.fingerprint, ttl).await? {
             Claim::Acquired(lease) => match &entry.state {
                 EntryState::Completed(result) => {
-                    self.primary.complete(&lease, result.clone(), ttl).await?;
+                    if let Err(e) = self.primary.complete(&lease, result.clone(), ttl).await {
+                        // The primary holds the key under this lease now:
+                        // the next replay completes through it.
+                        self.journal
+                            .entries
+                            .update(key, self.now(), |e| e.primary = Some(lease));
+                        return Err(e);
+                    }
                     Ok(Replayed::Held(None))
                 }
                 EntryState::Pending => Ok(Replayed::Held(Some(lease))),
             },
-            Claim::InProgress { .. } | Claim::Completed(_) | Claim::Mismatch => {
-                Ok(Replayed::Conflict)
-            }
+            // Held by someone else for now: tried again by the next pass
+            // (the holder may release it, and then the primary must learn).
+            Claim::InProgress { .. } => Ok(Replayed::Busy),
+            Claim::Completed(_) | Claim::Mismatch => Ok(Replayed::Conflict),
         }
     }
 
@@ -494,8 +589,58 @@ impl<P: IdempotencyStore, S: IdempotencyStore> Fallback<P, S> {
             return Ok(known);
         }
         let c = self.secondary.claim(key, fingerprint, lease).await?;
-        self.journal_claim(key, fingerprint, &c, lease);
-        Ok(c)
+        let Claim::Acquired(local) = &c else {
+            return Ok(c);
+        };
+        let held = {
+            let _decide = self.journal.claim_locks.shard(key);
+            let held = self.known_locally(key, fingerprint);
+            if held.is_none() {
+                self.journal_claim(key, fingerprint, &c, lease);
+            }
+            held
+        };
+        match held {
+            None => Ok(c),
+            Some(held) => {
+                // A primary claim of this process got the key meanwhile.
+                let _ = self.secondary.release(local).await;
+                Ok(held)
+            }
+        }
+    }
+
+    /// A lease the primary just gave: this process's primary lease of the
+    /// key, unless a local claim of it answered meanwhile (then the primary
+    /// lease goes back and the local holder's claim is the answer).
+    async fn hold_primary_lease(
+        &self,
+        key: &str,
+        fingerprint: &Fingerprint,
+        lease: &Lease,
+        duration: Duration,
+    ) -> Result<Option<Claim>> {
+        let local = {
+            let _decide = self.journal.claim_locks.shard(key);
+            let local = self.journal_says(key, fingerprint);
+            if local.is_none() {
+                let now = self.now();
+                self.journal.primary_leases.insert(
+                    key.to_string(),
+                    PrimaryLease {
+                        token: lease.token(),
+                        fingerprint: *fingerprint,
+                        expires_at: now.saturating_add(duration),
+                    },
+                    |p| p.expires_at > now,
+                );
+            }
+            local
+        };
+        if local.is_some() && self.primary.release(lease).await.is_err() {
+            self.release_later(lease.clone());
+        }
+        Ok(local)
     }
 
     /// A claim of a key the journal holds: the secondary answers; if it lost
@@ -526,10 +671,12 @@ impl<P: IdempotencyStore, S: IdempotencyStore> Fallback<P, S> {
         result: Option<Bytes>,
         retention: Duration,
     ) -> Result<()> {
+        // Looked up first: a concurrent release may forget the lease.
+        let held = self.primary_lease(lease);
         self.primary
             .complete(lease, result.clone(), retention)
             .await?;
-        let Some(held) = self.primary_lease(lease) else {
+        let Some(held) = held else {
             return Ok(());
         };
         let now = self.now();
@@ -655,24 +802,21 @@ impl<P: IdempotencyStore, S: IdempotencyStore> IdempotencyStore for Fallback<P, 
                 return Ok(c);
             }
         }
-        let claimed = self
+        let (claimed, side) = self
             .call_with(
-                || self.primary.claim(key, fingerprint, lease),
-                || self.claim_on_secondary(key, fingerprint, lease),
+                || async {
+                    let c = self.primary.claim(key, fingerprint, lease).await?;
+                    Ok((c, Side::Primary))
+                },
+                || async {
+                    let c = self.claim_on_secondary(key, fingerprint, lease).await?;
+                    Ok((c, Side::Secondary))
+                },
             )
             .await?;
-        if let Claim::Acquired(l) = &claimed {
-            if !self.journal_live(key) {
-                let now = self.now();
-                self.journal.primary_leases.insert(
-                    key.to_string(),
-                    PrimaryLease {
-                        token: l.token(),
-                        fingerprint: *fingerprint,
-                        expires_at: now.saturating_add(lease),
-                    },
-                    |p| p.expires_at > now,
-                );
+        if let (Claim::Acquired(l), Side::Primary) = (&claimed, side) {
+            if let Some(local) = self.hold_primary_lease(key, fingerprint, l, lease).await? {
+                return Ok(local);
             }
         }
         Ok(claimed)
@@ -699,7 +843,9 @@ impl<P: IdempotencyStore, S: IdempotencyStore> IdempotencyStore for Fallback<P, 
             self.secondary.release(lease).await?;
             self.journal.entries.remove(lease.key());
             if let Some(primary) = entry.primary {
-                let _ = self.primary.release(&primary).await;
+                if self.primary.release(&primary).await.is_err() {
+                    self.release_later(primary);
+                }
             }
             return Ok(());
         }
@@ -707,6 +853,7 @@ impl<P: IdempotencyStore, S: IdempotencyStore> IdempotencyStore for Fallback<P, 
         self.forget_primary_lease(lease);
         self.call(self.primary.release(lease), async {
             if known {
+                self.release_later(lease.clone());
                 Ok(())
             } else {
                 Err(Error::lease_lost(lease.key()))
