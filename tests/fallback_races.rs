@@ -219,7 +219,92 @@ async fn a_key_the_secondary_evicted_is_answered_from_the_journal() {
 mod spool {
     use super::*;
     use reliability::memory::MemorySpool;
-    use reliability::{NewRecord, RecordId, Spool};
+    use reliability::{
+        DeadReason, DeadRecord, Enqueued, Leased, NackOutcome, NewRecord, RecordId, Spool,
+        SpoolStats, SpoolToken,
+    };
+
+    /// A spool whose `enqueue` stores the batch, then answers after the
+    /// fallback's deadline (a big batch, a slow link).
+    #[derive(Debug)]
+    struct Late(Arc<MemorySpool>);
+
+    #[async_trait]
+    impl Spool for Late {
+        fn capabilities(&self) -> Capabilities {
+            self.0.capabilities()
+        }
+        async fn enqueue(&self, batch: Vec<NewRecord>) -> Result<Enqueued> {
+            let r = self.0.enqueue(batch).await;
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            r
+        }
+        async fn lease(&self, max: usize, ttl: Duration) -> Result<Vec<Leased>> {
+            self.0.lease(max, ttl).await
+        }
+        async fn ack(&self, token: &SpoolToken) -> Result<()> {
+            self.0.ack(token).await
+        }
+        async fn nack(&self, token: &SpoolToken, retry_in: Duration) -> Result<NackOutcome> {
+            self.0.nack(token, retry_in).await
+        }
+        async fn extend(&self, token: &SpoolToken, by: Duration) -> Result<()> {
+            self.0.extend(token, by).await
+        }
+        async fn dead_letter(&self, token: &SpoolToken, reason: DeadReason) -> Result<()> {
+            self.0.dead_letter(token, reason).await
+        }
+        async fn list_dead(&self, max: usize) -> Result<Vec<DeadRecord>> {
+            self.0.list_dead(max).await
+        }
+        async fn redrive_dead(&self, max: usize) -> Result<usize> {
+            self.0.redrive_dead(max).await
+        }
+        async fn purge_dead(&self, max: usize) -> Result<usize> {
+            self.0.purge_dead(max).await
+        }
+        async fn stats(&self) -> Result<SpoolStats> {
+            self.0.stats().await
+        }
+    }
+
+    /// The primary stored a batch but answered after the deadline; the
+    /// secondary took it too. Each record is still delivered once, and the
+    /// double copies are counted.
+    #[tokio::test(start_paused = true)]
+    async fn a_late_primary_enqueue_is_not_delivered_twice() {
+        let clock = ManualClock::new();
+        let shared = Arc::new(clock.clone());
+        let breaker = Arc::new(Breaker::new(BreakerConfig::default(), shared.clone()));
+        let primary = Arc::new(MemorySpool::builder().clock(shared.clone()).build());
+        let secondary = Arc::new(MemorySpool::builder().clock(shared).build());
+        let f = Fallback::new(Late(primary.clone()), secondary.clone(), breaker.clone());
+        let batch: Vec<_> = (0..10).map(|i| rec(&format!("r{i}"))).collect();
+        f.enqueue(batch).await.unwrap();
+        assert_eq!(primary.stats().await.unwrap().depth(), 10, "stored, late");
+        assert_eq!(secondary.stats().await.unwrap().depth(), 10, "taken too");
+
+        let mut delivered = std::collections::HashMap::<String, u32>::new();
+        for round in 0..4 {
+            let got = f.lease(4, Duration::from_secs(30)).await.unwrap();
+            for l in &got {
+                *delivered.entry(l.record.id.to_string()).or_default() += 1;
+                f.ack(&l.token).await.unwrap();
+            }
+            if round == 1 {
+                f.drain().await.unwrap();
+            }
+        }
+        while let Some(l) = f.lease(1, Duration::from_secs(30)).await.unwrap().pop() {
+            *delivered.entry(l.record.id.to_string()).or_default() += 1;
+            f.ack(&l.token).await.unwrap();
+        }
+        let twice: Vec<_> = delivered.iter().filter(|(_, n)| **n > 1).collect();
+        assert!(twice.is_empty(), "delivered twice: {twice:?}");
+        assert_eq!(delivered.len(), 10);
+        let d = f.double_enqueues();
+        assert_eq!((d.uncertain, d.avoided), (10, 10), "{d:?}");
+    }
 
     fn rec(id: &str) -> NewRecord {
         NewRecord::new(RecordId::new(id).unwrap(), format!("payload {id}"))

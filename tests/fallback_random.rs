@@ -213,7 +213,14 @@ impl Spool for Faulty<Arc<MemorySpool>> {
     }
     async fn enqueue(&self, batch: Vec<NewRecord>) -> Result<Enqueued> {
         self.schedule
-            .run(|| "enqueue".to_string(), self.inner.enqueue(batch), |_| {})
+            .run(
+                || {
+                    let ids: Vec<_> = batch.iter().map(|r| r.id.to_string()).collect();
+                    format!("enqueue {ids:?}")
+                },
+                self.inner.enqueue(batch.clone()),
+                |_| {},
+            )
             .await
     }
     async fn lease(&self, max: usize, ttl: Duration) -> Result<Vec<Leased>> {
@@ -485,6 +492,7 @@ impl World {
             return;
         };
         for l in got {
+            self.log(format!("delivered {}", l.record.id));
             self.check_attempts(&l);
             match self.pick(3) {
                 0 => {
@@ -534,7 +542,8 @@ impl World {
                 self.log(format!("reconcile: {r:?}"));
             }
             8 => {
-                let _ = self.queue.drain().await;
+                let r = self.queue.drain().await;
+                self.log(format!("drain: {r:?}"));
             }
             _ => self.breaker.record_probe_success(),
         }
@@ -589,6 +598,7 @@ impl World {
                 break;
             }
             for l in got {
+                self.log(format!("finally delivered {}", l.record.id));
                 self.check_attempts(&l);
                 left.insert(l.record.id.clone());
                 if let Err(e) = self.queue.ack(&l.token).await {

@@ -42,12 +42,14 @@
 //! ```
 
 mod breaker;
+mod copies;
 mod idempotency;
 mod journal;
 mod spool;
 mod status;
 
 pub use breaker::{Breaker, BreakerConfig, PrimaryIdentity, Probe, ProbeTask};
+pub use copies::DoubleEnqueues;
 pub use idempotency::ReconcileReport;
 pub use journal::{JournalLimits, JournalUsage};
 pub use spool::DrainReport;
@@ -123,6 +125,7 @@ pub struct Fallback<P, S> {
     rate_limit_policy: RateLimitPolicy,
     journal: Arc<idempotency::Journal>,
     local_leases: Arc<spool::LocalLeases>,
+    copies: Arc<copies::Copies>,
 }
 
 impl<P, S> Fallback<P, S> {
@@ -137,6 +140,7 @@ impl<P, S> Fallback<P, S> {
             rate_limit_policy: RateLimitPolicy::default(),
             journal: Arc::default(),
             local_leases: Arc::default(),
+            copies: Arc::default(),
         }
     }
 

@@ -2,9 +2,11 @@
 //! primary was unavailable drain back to it, with the same ids.
 //!
 //! - `enqueue` goes to the primary, or to the secondary when the primary is
-//!   skipped, unavailable or late. (A late primary may still have stored the
-//!   batch: the drain then finds the ids there and the primary skips them as
-//!   duplicates.)
+//!   skipped, unavailable or late. A late primary may still have stored the
+//!   batch: such records are counted ([`Fallback::double_enqueues`], a
+//!   metric, a `warn` event) and delivered from one side only (the first
+//!   side to hand a copy out keeps it; the other copy is acked unseen when a
+//!   lease or a drain meets it; a drained copy is a duplicate id there).
 //! - `lease` reads the primary, then tops the batch up from the secondary
 //!   (records not drained yet); only the secondary while the breaker is
 //!   open: delivery goes on during the outage. Leases handed out by the secondary
@@ -25,6 +27,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
+use tracing::warn;
+
+use super::copies::{Side, Verdict};
 use super::Fallback;
 use crate::capability::Capabilities;
 use crate::clock::Timestamp;
@@ -73,6 +78,12 @@ impl LocalLeases {
         for l in batch {
             *d.entry(l.record.id.clone()).or_default() += 1;
         }
+    }
+
+    /// A lease of `id` that delivered nothing (a dropped copy whose ack
+    /// failed: it will be leased again).
+    fn borrow_one(&self, id: &RecordId) {
+        *self.drained().entry(id.clone()).or_default() += 1;
     }
 
     /// The record's delivery attempts: its count minus the drains' leases.
@@ -128,8 +139,81 @@ impl<P: Spool, S: Spool> Fallback<P, S> {
         self.local_leases.lock().contains_key(&token.lease())
     }
 
+    /// The copies of a batch the primary may have stored although its
+    /// enqueue timed out, which the secondary takes too: counted, logged,
+    /// and tracked so only one of the two copies is delivered.
+    fn copies_on_both_sides(&self, batch: &[NewRecord]) {
+        self.copies.both(batch.iter().map(|r| &r.id));
+        crate::metrics::double_enqueue(batch.len() as u64);
+        warn!(
+            records = batch.len(),
+            "the primary's enqueue timed out and may have stored the batch; the secondary takes it too (one copy will be delivered)"
+        );
+    }
+
+    /// Acks, without delivering, the leased copies whose other copy was
+    /// handed out first.
+    async fn drop_delivered(&self, got: &mut Vec<Leased>, side: Side) {
+        let mut dropped = Vec::new();
+        got.retain(|l| {
+            let keep = self.copies.verdict(&l.record.id, side) != Verdict::Drop;
+            if !keep {
+                dropped.push(l.token.clone());
+            }
+            keep
+        });
+        for token in dropped {
+            let acked = match side {
+                Side::Primary => self.primary.ack(&token).await,
+                Side::Secondary => self.secondary.ack(&token).await,
+            };
+            if acked.is_err() {
+                self.local_leases.borrow_one(token.id());
+            }
+            self.copies.dropped(token.id(), acked.is_ok());
+        }
+    }
+
+    /// Leaves in a drain's batch only the records to move: acks those whose
+    /// primary copy was handed out, gives back for a later drain those whose
+    /// primary copy must go first (see `Copies::drain_verdict`); `true` if
+    /// it gave some back.
+    async fn sort_drained(&self, batch: &mut Vec<Leased>) -> bool {
+        let mut dropped = Vec::new();
+        let mut held = Vec::new();
+        batch.retain(|l| match self.copies.drain_verdict(&l.record.id) {
+            Verdict::Keep => true,
+            Verdict::Drop => {
+                dropped.push(l.token.clone());
+                false
+            }
+            Verdict::Hold => {
+                held.push(l.token.clone());
+                false
+            }
+        });
+        for token in dropped {
+            let acked = self.secondary.ack(&token).await;
+            if acked.is_err() {
+                self.local_leases.borrow_one(token.id());
+            }
+            self.copies.dropped(token.id(), acked.is_ok());
+        }
+        for token in &held {
+            let _ = self.secondary.nack(token, Duration::ZERO).await;
+        }
+        !held.is_empty()
+    }
+
+    /// Records a timed-out primary enqueue may have left on both sides, and
+    /// the copies acked without delivery because the other was handed out.
+    pub fn double_enqueues(&self) -> super::DoubleEnqueues {
+        self.copies.counts()
+    }
+
     async fn lease_local(&self, max: usize, ttl: Duration) -> Result<Vec<Leased>> {
         let mut got = self.secondary.lease(max, ttl).await?;
+        self.drop_delivered(&mut got, Side::Secondary).await;
         self.local_leases.correct(&mut got);
         if !got.is_empty() {
             let now = self.breaker.clock().now();
@@ -173,12 +257,20 @@ impl<P: Spool, S: Spool> Fallback<P, S> {
             return Ok(report);
         }
         while self.breaker.routes_to_primary() {
-            let batch = self.secondary.lease(DRAIN_BATCH, DRAIN_LEASE).await?;
+            let mut batch = self.secondary.lease(DRAIN_BATCH, DRAIN_LEASE).await?;
             if batch.is_empty() {
                 break;
             }
             // This lease is the drain's, not a delivery attempt.
             self.local_leases.borrow(&batch);
+            let held = self.sort_drained(&mut batch).await;
+            if batch.is_empty() {
+                if held {
+                    // What is left waits for its primary copy to go.
+                    break;
+                }
+                continue;
+            }
             let records: Vec<NewRecord> = batch
                 .iter()
                 .map(|l| {
@@ -197,6 +289,7 @@ impl<P: Spool, S: Spool> Fallback<P, S> {
                         // Only now may the secondary forget them.
                         self.secondary.ack(&l.token).await?;
                         self.local_leases.settled(&l.record.id);
+                        self.copies.merged(&l.record.id);
                     }
                 }
                 Ok(Err(e)) if !e.is_unavailable() => {
@@ -256,17 +349,46 @@ impl<P: Spool, S: Spool> Spool for Fallback<P, S> {
                 .answer_locally("open", self.secondary.enqueue(batch))
                 .await;
         }
-        self.call(
-            self.primary.enqueue(batch.clone()),
-            self.secondary.enqueue(batch),
-        )
-        .await
+        let reason =
+            match tokio::time::timeout(self.deadline, self.primary.enqueue(batch.clone())).await {
+                Ok(Ok(e)) => {
+                    self.breaker.record_success();
+                    crate::metrics::call("primary", "ok");
+                    return Ok(e);
+                }
+                Ok(Err(e)) if !e.is_unavailable() => {
+                    self.breaker.record_success();
+                    crate::metrics::call("primary", "error");
+                    return Err(e);
+                }
+                Ok(Err(e)) => {
+                    self.breaker.record_failure(&e);
+                    crate::metrics::call("primary", "unavailable");
+                    if e.unavailable_reason() == Some(UnavailableReason::Timeout) {
+                        self.copies_on_both_sides(&batch);
+                    }
+                    "unavailable"
+                }
+                Err(_) => {
+                    self.breaker.record_failure(&Error::Timeout {
+                        backend: "primary",
+                        after: self.deadline,
+                    });
+                    crate::metrics::call("primary", "timeout");
+                    self.copies_on_both_sides(&batch);
+                    "timeout"
+                }
+            };
+        self.answer_locally(reason, self.secondary.enqueue(batch))
+            .await
     }
 
     async fn lease(&self, max: usize, ttl: Duration) -> Result<Vec<Leased>> {
         let Some(mut got) = self.primary_if_up(self.primary.lease(max, ttl)).await? else {
             return self.lease_local(max, ttl).await;
         };
+        self.drop_delivered(&mut got, Side::Primary).await;
+        self.local_leases.correct(&mut got);
         if got.len() < max {
             // Records the secondary still holds (not drained yet, or kept
             // there because the primary is not durable) are delivered too.
