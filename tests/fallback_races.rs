@@ -220,52 +220,153 @@ mod spool {
     use super::*;
     use reliability::memory::MemorySpool;
     use reliability::{
-        DeadReason, DeadRecord, Enqueued, Leased, NackOutcome, NewRecord, RecordId, Spool,
-        SpoolStats, SpoolToken,
+        DeadReason, DeadRecord, Durability, Enqueued, Leased, NackOutcome, NewRecord, RecordId,
+        Spool, SpoolStats, SpoolToken,
     };
 
-    /// A spool whose `enqueue` stores the batch, then answers after the
-    /// fallback's deadline (a big batch, a slow link).
-    #[derive(Debug)]
-    struct Late(Arc<MemorySpool>);
+    /// A memory spool with another face: late answers to `enqueue`, a
+    /// durability of its own, and the biggest batch it was given.
+    #[derive(Debug, Default)]
+    struct Shaped {
+        inner: Arc<MemorySpool>,
+        /// `enqueue` answers after the fallback's deadline (having stored).
+        late: bool,
+        durable: bool,
+        durability: Option<Durability>,
+        biggest: std::sync::atomic::AtomicUsize,
+    }
 
     #[async_trait]
-    impl Spool for Late {
+    impl Spool for Shaped {
         fn capabilities(&self) -> Capabilities {
-            self.0.capabilities()
+            self.inner.capabilities().with_durable(self.durable)
         }
         async fn enqueue(&self, batch: Vec<NewRecord>) -> Result<Enqueued> {
-            let r = self.0.enqueue(batch).await;
-            tokio::time::sleep(Duration::from_secs(1)).await;
+            let bytes = batch.iter().map(|r| r.payload.len()).sum();
+            self.biggest.fetch_max(bytes, Ordering::SeqCst);
+            let mut r = self.inner.enqueue(batch).await;
+            if self.late {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            if let (Ok(e), Some(d)) = (&mut r, self.durability) {
+                *e = Enqueued::new(d, e.accepted, e.duplicates);
+            }
             r
         }
         async fn lease(&self, max: usize, ttl: Duration) -> Result<Vec<Leased>> {
-            self.0.lease(max, ttl).await
+            self.inner.lease(max, ttl).await
         }
         async fn ack(&self, token: &SpoolToken) -> Result<()> {
-            self.0.ack(token).await
+            self.inner.ack(token).await
         }
         async fn nack(&self, token: &SpoolToken, retry_in: Duration) -> Result<NackOutcome> {
-            self.0.nack(token, retry_in).await
+            self.inner.nack(token, retry_in).await
         }
         async fn extend(&self, token: &SpoolToken, by: Duration) -> Result<()> {
-            self.0.extend(token, by).await
+            self.inner.extend(token, by).await
         }
         async fn dead_letter(&self, token: &SpoolToken, reason: DeadReason) -> Result<()> {
-            self.0.dead_letter(token, reason).await
+            self.inner.dead_letter(token, reason).await
         }
         async fn list_dead(&self, max: usize) -> Result<Vec<DeadRecord>> {
-            self.0.list_dead(max).await
+            self.inner.list_dead(max).await
         }
         async fn redrive_dead(&self, max: usize) -> Result<usize> {
-            self.0.redrive_dead(max).await
+            self.inner.redrive_dead(max).await
         }
         async fn purge_dead(&self, max: usize) -> Result<usize> {
-            self.0.purge_dead(max).await
+            self.inner.purge_dead(max).await
         }
         async fn stats(&self) -> Result<SpoolStats> {
-            self.0.stats().await
+            self.inner.stats().await
         }
+    }
+
+    fn memory(clock: &ManualClock) -> Arc<MemorySpool> {
+        Arc::new(
+            MemorySpool::builder()
+                .clock(Arc::new(clock.clone()))
+                .build(),
+        )
+    }
+
+    /// The secondary fsyncs; the primary syncs once a second (Redis
+    /// `appendfsync everysec`): a drained record stays on the secondary
+    /// until the primary's sync covers it.
+    #[tokio::test]
+    async fn a_drain_acks_locally_once_the_primary_synced() {
+        let clock = ManualClock::new();
+        let breaker = Arc::new(Breaker::new(
+            BreakerConfig::default(),
+            Arc::new(clock.clone()),
+        ));
+        let (primary, secondary) = (memory(&clock), memory(&clock));
+        let f = Fallback::new(
+            Shaped {
+                inner: primary.clone(),
+                durable: true,
+                durability: Some(Durability::Periodic {
+                    interval: Duration::from_secs(1),
+                }),
+                ..Shaped::default()
+            },
+            Shaped {
+                inner: secondary.clone(),
+                durable: true,
+                durability: Some(Durability::Synced),
+                ..Shaped::default()
+            },
+            breaker.clone(),
+        );
+        breaker.isolate();
+        f.enqueue(vec![rec("a"), rec("b"), rec("c")]).await.unwrap();
+        fail_back(&breaker);
+        f.drain().await.unwrap();
+        assert_eq!(primary.stats().await.unwrap().depth(), 3);
+        assert_eq!(
+            secondary.stats().await.unwrap().depth(),
+            3,
+            "fsynced here, maybe not yet there"
+        );
+        clock.advance(Duration::from_secs(1));
+        f.drain().await.unwrap();
+        assert_eq!(
+            secondary.stats().await.unwrap().depth(),
+            0,
+            "synced there now"
+        );
+    }
+
+    /// 1 MiB records: a drain's primary calls carry at most its byte bound.
+    #[tokio::test]
+    async fn drain_batches_are_bounded_by_bytes() {
+        let clock = ManualClock::new();
+        let breaker = Arc::new(Breaker::new(
+            BreakerConfig::default(),
+            Arc::new(clock.clone()),
+        ));
+        let primary = Arc::new(Shaped {
+            inner: memory(&clock),
+            ..Shaped::default()
+        });
+        let secondary = memory(&clock);
+        let f = Fallback::new(primary.clone(), secondary.clone(), breaker.clone());
+        breaker.isolate();
+        for i in 0..12 {
+            let payload = Bytes::from(vec![b'x'; 1 << 20]);
+            f.enqueue(vec![NewRecord::new(
+                RecordId::new(format!("r{i}")).unwrap(),
+                payload,
+            )])
+            .await
+            .unwrap();
+        }
+        fail_back(&breaker);
+        let report = f.drain().await.unwrap();
+        assert_eq!(report.moved, 12);
+        assert_eq!(secondary.stats().await.unwrap().depth(), 0);
+        let biggest = primary.biggest.load(Ordering::SeqCst);
+        assert!(biggest <= 4 << 20, "one call carried {biggest} bytes");
     }
 
     /// The primary stored a batch but answered after the deadline; the
@@ -278,7 +379,12 @@ mod spool {
         let breaker = Arc::new(Breaker::new(BreakerConfig::default(), shared.clone()));
         let primary = Arc::new(MemorySpool::builder().clock(shared.clone()).build());
         let secondary = Arc::new(MemorySpool::builder().clock(shared).build());
-        let f = Fallback::new(Late(primary.clone()), secondary.clone(), breaker.clone());
+        let late = Shaped {
+            inner: primary.clone(),
+            late: true,
+            ..Shaped::default()
+        };
+        let f = Fallback::new(late, secondary.clone(), breaker.clone());
         let batch: Vec<_> = (0..10).map(|i| rec(&format!("r{i}"))).collect();
         f.enqueue(batch).await.unwrap();
         assert_eq!(primary.stats().await.unwrap().depth(), 10, "stored, late");
@@ -303,7 +409,8 @@ mod spool {
         assert!(twice.is_empty(), "delivered twice: {twice:?}");
         assert_eq!(delivered.len(), 10);
         let d = f.double_enqueues();
-        assert_eq!((d.uncertain, d.avoided), (10, 10), "{d:?}");
+        // The drain's own primary calls are late too: counted as well.
+        assert!(d.uncertain >= 10 && d.avoided == 10, "{d:?}");
     }
 
     fn rec(id: &str) -> NewRecord {

@@ -43,6 +43,7 @@
 
 mod breaker;
 mod copies;
+mod drain;
 mod idempotency;
 mod journal;
 mod spool;
@@ -50,9 +51,9 @@ mod status;
 
 pub use breaker::{Breaker, BreakerConfig, PrimaryIdentity, Probe, ProbeTask};
 pub use copies::DoubleEnqueues;
+pub use drain::{DrainLimits, DrainReport};
 pub use idempotency::ReconcileReport;
 pub use journal::{JournalLimits, JournalUsage};
-pub use spool::DrainReport;
 pub use status::{apply_breaker, spawn_status_bridge};
 
 use std::future::Future;
@@ -126,6 +127,8 @@ pub struct Fallback<P, S> {
     journal: Arc<idempotency::Journal>,
     local_leases: Arc<spool::LocalLeases>,
     copies: Arc<copies::Copies>,
+    drain_limits: drain::DrainLimits,
+    drain_state: Arc<drain::DrainState>,
 }
 
 impl<P, S> Fallback<P, S> {
@@ -141,6 +144,8 @@ impl<P, S> Fallback<P, S> {
             journal: Arc::default(),
             local_leases: Arc::default(),
             copies: Arc::default(),
+            drain_limits: drain::DrainLimits::default(),
+            drain_state: Arc::default(),
         }
     }
 

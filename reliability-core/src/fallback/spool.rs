@@ -14,10 +14,12 @@
 //!   the side that gave them.
 //! - [`Fallback::drain`] moves due records of the secondary to the primary
 //!   (same id, payload, attempts and first-enqueue time) and acks them on the
-//!   secondary only once the primary's `enqueue` returned: a crash in
-//!   between leaves them on both sides, never on neither. A durable
-//!   secondary is not drained into a primary that is not durable (Redis
-//!   without AOF): its records stay and are delivered from there.
+//!   secondary only once the primary's `enqueue` returned, as durable as
+//!   required: a crash in between leaves them on both sides, never on
+//!   neither. A durable secondary is not drained into a primary that is not
+//!   durable (Redis without AOF): its records stay and are delivered from
+//!   there. See `fallback/drain.rs` for the batch bounds and the durability
+//!   rule.
 //! - `stats`, `list_dead`, `redrive_dead` and `purge_dead` cover both sides
 //!   (the primary's only while it is reachable).
 
@@ -40,10 +42,8 @@ use crate::spool::{
     SpoolStats, SpoolToken,
 };
 
-/// Records moved per drain step.
-const DRAIN_BATCH: usize = 256;
-/// Lease the drain holds on the secondary while it copies a batch.
-const DRAIN_LEASE: Duration = Duration::from_secs(30);
+/// Leases handed out by the secondary kept before old ones are pruned.
+const PRUNE_ROUTES_AT: usize = 1_024;
 
 /// How long a secondary lease's token keeps routing to the secondary after
 /// the lease ended: repeated or stale acks of it must still get the
@@ -69,7 +69,7 @@ impl LocalLeases {
 
     /// A drain leased these records: one more lease of each that was no
     /// delivery attempt.
-    fn borrow(&self, batch: &[Leased]) {
+    pub(super) fn borrow(&self, batch: &[Leased]) {
         let mut d = self.drained();
         if d.len() > MAX_DRAIN_BORROWS {
             // Records gone from the secondary some other way: start over.
@@ -82,12 +82,12 @@ impl LocalLeases {
 
     /// A lease of `id` that delivered nothing (a dropped copy whose ack
     /// failed: it will be leased again).
-    fn borrow_one(&self, id: &RecordId) {
+    pub(super) fn borrow_one(&self, id: &RecordId) {
         *self.drained().entry(id.clone()).or_default() += 1;
     }
 
     /// The record's delivery attempts: its count minus the drains' leases.
-    fn attempts(&self, record: &Record) -> u32 {
+    pub(super) fn attempts(&self, record: &Record) -> u32 {
         let borrowed = self.drained().get(&record.id).copied().unwrap_or(0);
         record.attempts.saturating_sub(borrowed)
     }
@@ -106,7 +106,7 @@ impl LocalLeases {
     }
 
     /// The record left the secondary.
-    fn settled(&self, id: &RecordId) {
+    pub(super) fn settled(&self, id: &RecordId) {
         let mut d = self.drained();
         if !d.is_empty() {
             d.remove(id);
@@ -118,25 +118,25 @@ impl LocalLeases {
 /// past it the corrections start over).
 const MAX_DRAIN_BORROWS: usize = 1 << 20;
 
-/// What one [`Fallback::drain`] did.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct DrainReport {
-    /// Records the primary now holds and the secondary let go.
-    pub moved: u64,
-    /// Records the primary already had (same id).
-    pub duplicates: u64,
-    /// `true` if the primary became unavailable during the drain.
-    pub interrupted: bool,
-    /// `true` if nothing moved because the secondary is durable and the
-    /// primary is not (e.g. Redis without AOF): the records stay where a
-    /// crash cannot take them, and `lease` delivers them from there.
-    pub kept_local: bool,
-}
-
 impl<P: Spool, S: Spool> Fallback<P, S> {
     fn is_local(&self, token: &SpoolToken) -> bool {
         self.local_leases.lock().contains_key(&token.lease())
+    }
+
+    /// The secondary's enqueue, counted as a fallback for `reason`; its
+    /// durability is what drains require of the primary.
+    async fn enqueue_locally(
+        &self,
+        reason: &'static str,
+        batch: Vec<NewRecord>,
+    ) -> Result<Enqueued> {
+        let r = self
+            .answer_locally(reason, self.secondary.enqueue(batch))
+            .await;
+        if let Ok(e) = &r {
+            self.drain_state.saw_local(e.durability);
+        }
+        r
     }
 
     /// The copies of a batch the primary may have stored although its
@@ -178,7 +178,7 @@ impl<P: Spool, S: Spool> Fallback<P, S> {
     /// primary copy was handed out, gives back for a later drain those whose
     /// primary copy must go first (see `Copies::drain_verdict`); `true` if
     /// it gave some back.
-    async fn sort_drained(&self, batch: &mut Vec<Leased>) -> bool {
+    pub(super) async fn sort_drained(&self, batch: &mut Vec<Leased>) -> bool {
         let mut dropped = Vec::new();
         let mut held = Vec::new();
         batch.retain(|l| match self.copies.drain_verdict(&l.record.id) {
@@ -219,7 +219,7 @@ impl<P: Spool, S: Spool> Fallback<P, S> {
             let now = self.breaker.clock().now();
             let until = now.saturating_add(ttl);
             let mut leases = self.local_leases.lock();
-            if leases.len() > 4 * DRAIN_BATCH {
+            if leases.len() > PRUNE_ROUTES_AT {
                 // Leases long over need no route any more.
                 leases.retain(|_, end| end.saturating_add(ROUTE_KEEP) > now);
             }
@@ -242,82 +242,6 @@ impl<P: Spool, S: Spool> Fallback<P, S> {
             ))
         })
         .await
-    }
-
-    /// Moves the secondary's due records to the primary (see the module
-    /// docs), until the secondary has none due or the primary fails.
-    ///
-    /// # Errors
-    /// Caller errors of the primary (e.g. [`Error::Full`]); the records stay
-    /// on the secondary.
-    pub async fn drain(&self) -> Result<DrainReport> {
-        let mut report = DrainReport::default();
-        if self.secondary.capabilities().durable && !self.primary.capabilities().durable {
-            report.kept_local = true;
-            return Ok(report);
-        }
-        while self.breaker.routes_to_primary() {
-            let mut batch = self.secondary.lease(DRAIN_BATCH, DRAIN_LEASE).await?;
-            if batch.is_empty() {
-                break;
-            }
-            // This lease is the drain's, not a delivery attempt.
-            self.local_leases.borrow(&batch);
-            let held = self.sort_drained(&mut batch).await;
-            if batch.is_empty() {
-                if held {
-                    // What is left waits for its primary copy to go.
-                    break;
-                }
-                continue;
-            }
-            let records: Vec<NewRecord> = batch
-                .iter()
-                .map(|l| {
-                    NewRecord::new(l.record.id.clone(), l.record.payload.clone())
-                        .with_history(self.local_leases.attempts(&l.record), l.record.enqueued_at)
-                })
-                .collect();
-            let stored = tokio::time::timeout(self.deadline, self.primary.enqueue(records)).await;
-            match stored {
-                Ok(Ok(e)) => {
-                    self.breaker.record_success();
-                    report.moved += e.accepted as u64;
-                    crate::metrics::drained(e.accepted as u64);
-                    report.duplicates += e.duplicates as u64;
-                    for l in &batch {
-                        // Only now may the secondary forget them.
-                        self.secondary.ack(&l.token).await?;
-                        self.local_leases.settled(&l.record.id);
-                        self.copies.merged(&l.record.id);
-                    }
-                }
-                Ok(Err(e)) if !e.is_unavailable() => {
-                    for l in &batch {
-                        let _ = self.secondary.nack(&l.token, Duration::ZERO).await;
-                    }
-                    return Err(e);
-                }
-                Ok(Err(e)) => {
-                    self.breaker.record_failure(&e);
-                    report.interrupted = true;
-                }
-                Err(_) => {
-                    self.breaker.record_failure(&Error::Timeout {
-                        backend: "primary",
-                        after: self.deadline,
-                    });
-                    report.interrupted = true;
-                }
-            }
-            if report.interrupted {
-                for l in &batch {
-                    let _ = self.secondary.nack(&l.token, Duration::ZERO).await;
-                }
-                break;
-            }
-        }
-        Ok(report)
     }
 
     /// The primary's answer while reachable, else `None`.
@@ -345,9 +269,7 @@ impl<P: Spool, S: Spool> Spool for Fallback<P, S> {
     async fn enqueue(&self, batch: Vec<NewRecord>) -> Result<Enqueued> {
         if !self.breaker.routes_to_primary() {
             // Open: no copy of the batch, no primary future.
-            return self
-                .answer_locally("open", self.secondary.enqueue(batch))
-                .await;
+            return self.enqueue_locally("open", batch).await;
         }
         let reason =
             match tokio::time::timeout(self.deadline, self.primary.enqueue(batch.clone())).await {
@@ -379,8 +301,7 @@ impl<P: Spool, S: Spool> Spool for Fallback<P, S> {
                     "timeout"
                 }
             };
-        self.answer_locally(reason, self.secondary.enqueue(batch))
-            .await
+        self.enqueue_locally(reason, batch).await
     }
 
     async fn lease(&self, max: usize, ttl: Duration) -> Result<Vec<Leased>> {
