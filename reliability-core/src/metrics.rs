@@ -13,6 +13,8 @@
 //! | `reliability_reconcile_pending` | gauge | | local claims not yet replayed to the primary |
 //! | `reliability_reconcile_replayed_total` | counter | | claims replayed to the primary |
 //! | `reliability_reconcile_conflicts_total` | counter | | replayed claims the primary already held |
+//! | `reliability_primary_data_loss_total` | counter | `cause` (`restarted`, `failover`) | times the primary was found to have lost data (its identity changed) |
+//! | `reliability_fallback_double_enqueue_total` | counter | | records whose primary enqueue timed out (it may have stored them) and that the secondary took too; one copy is delivered |
 //! | `reliability_drain_moved_total` | counter | | spool records moved from the secondary to the primary |
 //! | `reliability_spool_depth` | gauge | `state` (`ready`, `delayed`, `leased`, `dead`) | spool records, when the host reads [`Spool::stats`](crate::Spool::stats) through [`record_spool_stats`] |
 
@@ -93,6 +95,23 @@ pub fn record_reconcile_pending(pending: u64) {
     metrics::gauge!("reliability_reconcile_pending").set(pending as f64);
     #[cfg(not(feature = "metrics"))]
     let _ = pending;
+}
+
+/// The primary was found to have lost data.
+pub(crate) fn primary_data_loss(cause: &'static str) {
+    #[cfg(feature = "metrics")]
+    metrics::counter!("reliability_primary_data_loss_total", "cause" => cause).increment(1);
+    #[cfg(not(feature = "metrics"))]
+    let _ = cause;
+}
+
+/// Records a timed-out primary enqueue may have stored, that the
+/// secondary took too.
+pub(crate) fn double_enqueue(records: u64) {
+    #[cfg(feature = "metrics")]
+    metrics::counter!("reliability_fallback_double_enqueue_total").increment(records);
+    #[cfg(not(feature = "metrics"))]
+    let _ = records;
 }
 
 /// Records moved back to the primary by a drain.

@@ -380,6 +380,16 @@ pub struct BreakerStatus {
     /// The last unavailable error, redacted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<Redacted>,
+    /// When the primary was last found to have lost data (restarted empty,
+    /// or replaced by a failover), RFC 3339.
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "rfc3339")]
+    pub data_lost_at: Option<Timestamp>,
+    /// Why it is thought to have lost data then (`restarted`, `failover`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_loss: Option<String>,
+    /// How many times the primary was found to have lost data.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub data_losses: u64,
 }
 
 impl BreakerStatus {
@@ -389,16 +399,31 @@ impl BreakerStatus {
             state: BreakerState::Closed,
             since: None,
             last_error: None,
+            data_lost_at: None,
+            data_loss: None,
+            data_losses: 0,
         }
     }
 
     /// A breaker in `state` since `since`.
     pub fn new(state: BreakerState, since: Timestamp) -> Self {
         Self {
-            state,
             since: Some(since),
-            last_error: None,
+            ..Self::closed().with_state(state)
         }
+    }
+
+    fn with_state(mut self, state: BreakerState) -> Self {
+        self.state = state;
+        self
+    }
+
+    /// The same, with the primary's last data loss: when, why, how many so far.
+    pub fn with_data_loss(mut self, at: Timestamp, cause: impl Into<String>, count: u64) -> Self {
+        self.data_lost_at = Some(at);
+        self.data_loss = Some(cause.into());
+        self.data_losses = count;
+        self
     }
 
     /// The same, with `error` (redacted) as the last error.

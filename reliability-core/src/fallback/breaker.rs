@@ -1,7 +1,7 @@
 //! The circuit breaker of `Fallback` (docs on [`Breaker`]).
 
 use std::fmt;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -77,6 +77,53 @@ pub trait Probe: Send + Sync + fmt::Debug + 'static {
     /// # Errors
     /// Any error means "not healthy"; unavailable errors are expected.
     async fn probe(&self) -> Result<()>;
+
+    /// [`probe`](Self::probe), also saying which server and which data
+    /// history answered, so the breaker notices a primary that lost data
+    /// ([`Breaker::observe_identity`]). The background probe calls this.
+    ///
+    /// # Behavior
+    /// As `probe`. The default runs `probe` and reports no identity.
+    ///
+    /// # Errors
+    /// As `probe`.
+    async fn probe_identity(&self) -> Result<Option<PrimaryIdentity>> {
+        self.probe().await.map(|()| None)
+    }
+}
+
+/// Which server process and which data history a primary answers from: a
+/// change of either means the primary may have lost writes (Redis: `run_id`
+/// changes on every restart, `master_replid` when a failover promotes a
+/// replica).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub struct PrimaryIdentity {
+    /// The server process (Redis `run_id`).
+    pub run_id: String,
+    /// The history of its data (Redis `master_replid`), if known.
+    pub replication_id: Option<String>,
+}
+
+impl PrimaryIdentity {
+    /// An identity of process `run_id` and data history `replication_id`.
+    pub fn new(run_id: impl Into<String>, replication_id: Option<String>) -> Self {
+        Self {
+            run_id: run_id.into(),
+            replication_id,
+        }
+    }
+
+    /// Why `self` following `before` means the data may be lost, if it does.
+    fn lost_since(&self, before: &PrimaryIdentity) -> Option<&'static str> {
+        if self.run_id != before.run_id {
+            Some("restarted")
+        } else if self.replication_id != before.replication_id {
+            Some("failover")
+        } else {
+            None
+        }
+    }
 }
 
 /// A circuit breaker shared by every [`Fallback`](super::Fallback) in front
@@ -100,7 +147,8 @@ pub trait Probe: Send + Sync + fmt::Debug + 'static {
 ///   ([`Breaker::isolate`]) until [`Breaker::release`].
 ///
 /// The probe also runs while Closed, so an outage is detected without
-/// traffic. Every transition is a `tracing` event and a change on the
+/// traffic; there only its failures count (a probe that answers while the
+/// calls fail must not keep the breaker closed). Every transition is a `tracing` event and a change on the
 /// [`subscribe`](Breaker::subscribe) channel.
 ///
 /// ```
@@ -115,8 +163,8 @@ pub trait Probe: Send + Sync + fmt::Debug + 'static {
 ///     breaker.record_failure(&down);
 /// }
 /// assert_eq!(breaker.state(), BreakerState::Open);
-/// breaker.record_success(); // a probe succeeded
-/// breaker.record_success();
+/// breaker.record_probe_success(); // half-open
+/// breaker.record_success(); // a call succeeded
 /// assert_eq!(breaker.state(), BreakerState::Closed);
 /// ```
 pub struct Breaker {
@@ -124,7 +172,16 @@ pub struct Breaker {
     clock: SharedClock,
     state: AtomicU8,
     inner: Mutex<Inner>,
+    /// Times the primary was found to have lost data.
+    data_losses: AtomicU64,
     changes: watch::Sender<BreakerStatus>,
+}
+
+/// Who saw the primary answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Source {
+    Call,
+    Probe,
 }
 
 #[derive(Debug)]
@@ -137,6 +194,9 @@ struct Inner {
     window_calls: u32,
     window_failures: u32,
     last_error: Option<String>,
+    identity: Option<PrimaryIdentity>,
+    /// When and why the primary last lost data.
+    data_loss: Option<(Timestamp, &'static str)>,
 }
 
 impl fmt::Debug for Breaker {
@@ -184,7 +244,10 @@ impl Breaker {
                 window_calls: 0,
                 window_failures: 0,
                 last_error: None,
+                identity: None,
+                data_loss: None,
             }),
+            data_losses: AtomicU64::new(0),
             changes,
         }
     }
@@ -223,9 +286,17 @@ impl Breaker {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The primary answered (a call or a probe).
+    /// The primary answered a call (a probe's success is
+    /// [`record_probe_success`](Self::record_probe_success)).
     pub fn record_success(&self) {
+        self.succeeded(Source::Call);
+    }
+
+    fn succeeded(&self, source: Source) {
         let mut g = self.lock();
+        if source == Source::Probe && g.state == BreakerState::Closed {
+            return;
+        }
         let now = self.clock.now();
         self.roll_window(&mut g, now);
         g.consecutive_failures = 0;
@@ -248,6 +319,15 @@ impl Breaker {
                 }
             }
         }
+    }
+
+    /// The background probe succeeded. While Closed this changes nothing:
+    /// a `PING` that answers says nothing of the calls (scripts refused, a
+    /// slot down), so it neither resets their consecutive failures nor
+    /// dilutes their failure ratio. Open: moves to HalfOpen (or Closed);
+    /// HalfOpen: counts toward the successes that close.
+    pub fn record_probe_success(&self) {
+        self.succeeded(Source::Probe);
     }
 
     /// The primary failed with an unavailable error or a timeout (a call or
@@ -283,6 +363,46 @@ impl Breaker {
             }
             BreakerState::Open | BreakerState::Isolated => self.publish(&g),
         }
+    }
+
+    /// The identity the primary answered from (see [`Probe::probe_identity`]).
+    /// A change from the last one seen means the primary may have lost data:
+    /// a `warn` event, the metric `reliability_primary_data_loss_total`, the
+    /// status's `dataLostAt`, and [`data_losses`](Self::data_losses) grows,
+    /// which the fallbacks in front of this primary act on (the idempotency
+    /// store replays the claims it completed there).
+    pub fn observe_identity(&self, identity: PrimaryIdentity) {
+        let mut g = self.lock();
+        let cause = g
+            .identity
+            .as_ref()
+            .and_then(|before| identity.lost_since(before));
+        let before = g.identity.replace(identity);
+        let Some(cause) = cause else {
+            return;
+        };
+        let now = self.clock.now();
+        g.data_loss = Some((now, cause));
+        let n = self.data_losses.fetch_add(1, Ordering::AcqRel) + 1;
+        warn!(
+            cause,
+            data_losses = n,
+            before = ?before,
+            now = ?g.identity,
+            "the primary may have lost data"
+        );
+        crate::metrics::primary_data_loss(cause);
+        self.publish(&g);
+    }
+
+    /// The identity the primary last answered from, if the probe reports one.
+    pub fn identity(&self) -> Option<PrimaryIdentity> {
+        self.lock().identity.clone()
+    }
+
+    /// Times the primary was found to have lost data since start.
+    pub fn data_losses(&self) -> u64 {
+        self.data_losses.load(Ordering::Acquire)
     }
 
     /// Opens the breaker now, recording `error` as the last error: calls go
@@ -362,6 +482,9 @@ impl Breaker {
         if let Some(e) = &g.last_error {
             status = status.with_last_error(e);
         }
+        if let Some((at, cause)) = g.data_loss {
+            status = status.with_data_loss(at, cause, self.data_losses());
+        }
         self.changes.send_if_modified(|s| {
             if *s == status {
                 false
@@ -394,9 +517,12 @@ impl Breaker {
                     continue;
                 }
                 let started = std::time::Instant::now();
-                let outcome = match tokio::time::timeout(deadline, probe.probe()).await {
-                    Ok(Ok(())) => {
-                        breaker.record_success();
+                let outcome = match tokio::time::timeout(deadline, probe.probe_identity()).await {
+                    Ok(Ok(identity)) => {
+                        if let Some(identity) = identity {
+                            breaker.observe_identity(identity);
+                        }
+                        breaker.record_probe_success();
                         "ok"
                     }
                     Ok(Err(e)) => {
@@ -563,6 +689,109 @@ mod tests {
                 Err(down())
             }
         }
+    }
+
+    /// A probe that always succeeds and says when it ran.
+    #[derive(Debug, Default)]
+    struct Healthy {
+        runs: std::sync::atomic::AtomicU32,
+        ran: tokio::sync::Notify,
+    }
+
+    #[async_trait]
+    impl Probe for Healthy {
+        async fn probe(&self) -> Result<()> {
+            self.runs.fetch_add(1, Ordering::SeqCst);
+            self.ran.notify_waiters();
+            Ok(())
+        }
+    }
+
+    impl Healthy {
+        /// Waits until the probe ran at least once more (and its outcome
+        /// was recorded: the task records before its next tick).
+        async fn next_run(&self) {
+            let before = self.runs.load(Ordering::SeqCst);
+            while self.runs.load(Ordering::SeqCst) <= before + 1 {
+                let ran = self.ran.notified();
+                if self.runs.load(Ordering::SeqCst) > before + 1 {
+                    break;
+                }
+                ran.await;
+            }
+        }
+    }
+
+    /// PING answers while every call fails (scripts refused, a slot down):
+    /// the probe's successes must not reset the count of failed calls.
+    #[tokio::test(start_paused = true)]
+    async fn probe_successes_do_not_mask_call_failures_while_closed() {
+        let clock = ManualClock::new();
+        let b = Arc::new(breaker(&clock));
+        let probe = Arc::new(Healthy::default());
+        let _task = b.spawn_probe(
+            probe.clone(),
+            Duration::from_millis(10),
+            Duration::from_millis(5),
+        );
+        for _ in 0..2 {
+            b.record_failure(&down());
+            probe.next_run().await;
+        }
+        b.record_failure(&down());
+        assert_eq!(b.state(), BreakerState::Open, "three calls failed in a row");
+    }
+
+    /// Nor do they dilute the failure ratio: half the calls fail, the probe
+    /// succeeds in between.
+    #[tokio::test(start_paused = true)]
+    async fn probe_successes_do_not_dilute_the_failure_ratio() {
+        let clock = ManualClock::new();
+        let b = Arc::new(Breaker::new(
+            BreakerConfig::default()
+                .with_failure_threshold(100)
+                .with_failure_ratio(0.5, Duration::from_secs(10), 20),
+            Arc::new(clock.clone()),
+        ));
+        let probe = Arc::new(Healthy::default());
+        let _task = b.spawn_probe(
+            probe.clone(),
+            Duration::from_millis(10),
+            Duration::from_millis(5),
+        );
+        let mut opened_at = None;
+        for i in 0..30 {
+            if i % 2 == 0 {
+                b.record_failure(&down());
+                if b.state() == BreakerState::Open {
+                    opened_at = Some(i);
+                    break;
+                }
+            } else {
+                b.record_success();
+            }
+            probe.next_run().await;
+        }
+        assert_eq!(opened_at, Some(20), "11 of 21 calls failed");
+    }
+
+    #[test]
+    fn a_new_identity_is_a_data_loss_with_its_time_and_cause() {
+        let clock = ManualClock::new();
+        let b = breaker(&clock);
+        let id = |run: &str, repl: &str| PrimaryIdentity::new(run, Some(repl.to_string()));
+        b.observe_identity(id("a", "x"));
+        b.observe_identity(id("a", "x"));
+        assert_eq!(b.data_losses(), 0, "first sight and same identity");
+        clock.advance(Duration::from_secs(5));
+        b.observe_identity(id("b", "y"));
+        let s = b.status();
+        assert_eq!(b.data_losses(), 1);
+        assert_eq!(s.data_lost_at, Some(clock.now()));
+        assert_eq!(s.data_loss.as_deref(), Some("restarted"));
+        b.observe_identity(id("b", "z"));
+        assert_eq!(b.status().data_loss.as_deref(), Some("failover"));
+        assert_eq!(b.status().data_losses, 2);
     }
 
     #[tokio::test(start_paused = true)]

@@ -18,9 +18,7 @@
 //! - `release` / `extend` of a primary lease while the primary is down
 //!   succeed without effect on the primary (its lease simply runs out).
 
-use std::collections::HashMap;
-use std::hash::{BuildHasher, Hash};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -28,133 +26,74 @@ use bytes::Bytes;
 use futures_util::stream::{self, StreamExt};
 use tracing::{info, warn};
 
+use super::journal::{
+    Bounded, Completion, EntryState, JournalEntry, JournalLimits, PrimaryLease, Sharded, Versions,
+};
 use super::Fallback;
 use crate::capability::Capabilities;
 use crate::clock::Timestamp;
 use crate::error::{Error, Result};
-use crate::idempotency::{Claim, Fingerprint, IdempotencyStore, Lease, LeaseToken};
+use crate::idempotency::{Claim, Fingerprint, IdempotencyStore, Lease};
 
-/// What the fallback remembers of keys the secondary answered for.
-#[derive(Debug, Default)]
+/// What the fallback remembers of keys the secondary answered for, and of
+/// claims it completed through the primary.
+#[derive(Debug)]
 pub(super) struct Journal {
-    entries: Sharded<String, JournalEntry>,
-    /// Leases acquired from the primary: key and fingerprint, so a
-    /// completion can be recorded locally if the primary is gone.
-    primary_leases: Sharded<LeaseToken, (Fingerprint, Timestamp)>,
-    conflicts: std::sync::atomic::AtomicU64,
-    replayed: std::sync::atomic::AtomicU64,
+    pub(super) entries: Bounded<JournalEntry>,
+    /// Claims this process completed through the primary (write-through,
+    /// same bounds as `entries`): answers while the primary is down, and
+    /// replayed after the primary lost data.
+    pub(super) completed: Bounded<Completion>,
+    /// Leases acquired from the primary, by key: a completion can be
+    /// recorded locally if the primary is gone, and a local claim of the
+    /// same key during an outage sees that this process holds it.
+    primary_leases: Sharded<String, PrimaryLease>,
+    versions: Versions,
+    /// Primary leases released while the primary did not answer: released
+    /// there by the next reconcile pass, before the key's replay (else the
+    /// primary keeps a claim of ours that a local claim then conflicts with).
+    unreleased: Sharded<String, Vec<Lease>>,
+    /// Striped by key: a local claim and a primary claim of the same key
+    /// that answered at the same time decide under it which one holds.
+    claim_locks: Sharded<String, ()>,
+    conflicts: AtomicU64,
+    replayed: AtomicU64,
+    /// The breaker's count of primary data losses this journal acted on.
+    losses_seen: AtomicU64,
     /// Held by a reconciliation pass: a second pass waits, then finds the
     /// entries the first replayed, instead of replaying them again.
     reconciling: tokio::sync::Mutex<()>,
 }
 
-/// Shards of the journal's maps: a resize (of a journal holding a long
-/// outage's claims) or a busy lock stalls one shard's callers, not every
-/// claim.
-const SHARDS: usize = 64;
-
-/// A shard prunes dead entries on insert once it holds this many, and then
-/// at twice what stayed (amortized).
-const MIN_PRUNE_AT: usize = 64;
-
-/// A map split into [`SHARDS`] mutex-guarded parts by key hash.
-#[derive(Debug)]
-pub(super) struct Sharded<K, V> {
-    shards: Box<[Mutex<Shard<K, V>>]>,
-    hasher: std::hash::RandomState,
-}
-
-#[derive(Debug)]
-struct Shard<K, V> {
-    map: HashMap<K, V>,
-    prune_at: usize,
-}
-
-impl<K, V> Default for Sharded<K, V> {
+impl Default for Journal {
     fn default() -> Self {
-        Self {
-            shards: (0..SHARDS)
-                .map(|_| {
-                    Mutex::new(Shard {
-                        map: HashMap::new(),
-                        prune_at: MIN_PRUNE_AT,
-                    })
-                })
-                .collect(),
-            hasher: std::hash::RandomState::new(),
-        }
+        Self::new(JournalLimits::default())
     }
 }
 
-impl<K: Hash + Eq, V> Sharded<K, V> {
-    /// The shard of `key`, locked.
-    fn shard<Q: Hash + ?Sized>(&self, key: &Q) -> MutexGuard<'_, Shard<K, V>> {
-        let i = (self.hasher.hash_one(key) % SHARDS as u64) as usize;
-        lock(&self.shards[i])
-    }
-
-    /// Runs `f` on `key`'s value, if there is one.
-    fn update<Q>(&self, key: &Q, f: impl FnOnce(&mut V))
-    where
-        K: std::borrow::Borrow<Q>,
-        Q: Hash + Eq + ?Sized,
-    {
-        if let Some(v) = self.shard(key).map.get_mut(key) {
-            f(v);
+impl Journal {
+    pub(super) fn new(limits: JournalLimits) -> Self {
+        Self {
+            entries: Bounded::new(limits),
+            completed: Bounded::new(limits),
+            primary_leases: Sharded::default(),
+            versions: Versions::default(),
+            claim_locks: Sharded::default(),
+            unreleased: Sharded::default(),
+            conflicts: AtomicU64::new(0),
+            replayed: AtomicU64::new(0),
+            losses_seen: AtomicU64::new(0),
+            reconciling: tokio::sync::Mutex::new(()),
         }
-    }
-
-    /// Removes `key`'s value.
-    fn remove<Q>(&self, key: &Q) -> Option<V>
-    where
-        K: std::borrow::Borrow<Q>,
-        Q: Hash + Eq + ?Sized,
-    {
-        self.shard(key).map.remove(key)
-    }
-
-    /// Every shard, locked one after the other.
-    fn each(&self) -> impl Iterator<Item = MutexGuard<'_, Shard<K, V>>> {
-        self.shards.iter().map(lock)
-    }
-
-    /// Inserts, first dropping the entries `live` rejects if the shard
-    /// reached its prune size.
-    fn insert(&self, key: K, value: V, live: impl Fn(&V) -> bool) {
-        let mut shard = self.shard(&key);
-        if shard.map.len() >= shard.prune_at {
-            shard.map.retain(|_, v| live(v));
-            shard.prune_at = (shard.map.len() * 2).max(MIN_PRUNE_AT);
-        }
-        shard.map.insert(key, value);
     }
 }
 
 /// Journal entries replayed to the primary at once.
 const REPLAY_CONCURRENCY: usize = 32;
 
-#[derive(Debug, Clone)]
-struct JournalEntry {
-    fingerprint: Fingerprint,
-    /// The secondary's lease while pending.
-    local: Option<LeaseToken>,
-    /// The primary's lease once a pending entry was replayed, or the lease
-    /// a completion recorded locally belongs to.
-    primary: Option<Lease>,
-    state: EntryState,
-    expires_at: Timestamp,
-    replayed: bool,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum EntryState {
-    Pending,
-    Completed(Option<Bytes>),
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
+/// Rounds of one reconcile pass: entries written while their replay was in
+/// flight are replayed again (a completion forwarded), up to this many times.
+const REPLAY_ROUNDS: usize = 3;
 
 /// What one [`Fallback::reconcile`] pass did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -170,120 +109,158 @@ pub struct ReconcileReport {
     pub expired: u64,
 }
 
+/// Which side answered a claim.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Side {
+    Primary,
+    Secondary,
+}
+
+/// The outcome of one entry's replay.
+enum Replayed {
+    /// The primary holds the entry; for a pending one, under this lease.
+    Held(Option<Lease>),
+    /// The primary already held the key.
+    Conflict,
+    /// Another holder's lease on the primary: not replayed yet.
+    Busy,
+}
+
+impl<P, S> Fallback<P, S> {
+    /// Bounds the journal of local claims and the record of claims
+    /// completed through the primary (each within `limits`). Replaces both,
+    /// so call it before the first claim.
+    pub fn with_journal_limits(mut self, limits: JournalLimits) -> Self {
+        self.journal = std::sync::Arc::new(Journal::new(limits));
+        self
+    }
+
+    /// How full the journal of local claims is.
+    pub fn journal_usage(&self) -> super::JournalUsage {
+        self.journal.entries.usage()
+    }
+
+    /// How full the record of claims completed through the primary is.
+    pub fn completed_usage(&self) -> super::JournalUsage {
+        self.journal.completed.usage()
+    }
+}
+
 impl<P: IdempotencyStore, S: IdempotencyStore> Fallback<P, S> {
     fn now(&self) -> Timestamp {
         self.breaker.clock().now()
     }
 
-    /// Journal entries not yet replayed to the primary.
+    /// Journal entries not yet replayed to the primary. After the primary
+    /// lost data (see [`Breaker::observe_identity`](super::Breaker::observe_identity)),
+    /// the claims this process completed through it count too: they are
+    /// replayed like the journal.
     pub fn pending_reconcile(&self) -> u64 {
+        self.after_data_loss();
         let now = self.now();
-        self.journal
-            .entries
-            .each()
-            .map(|s| {
-                s.map
-                    .values()
-                    .filter(|e| !e.replayed && e.expires_at > now)
-                    .count()
-            })
-            .sum::<usize>() as u64
+        self.unreleased()
+            + self
+                .journal
+                .entries
+                .each()
+                .map(|s| {
+                    s.map
+                        .values()
+                        .filter(|e| !e.replayed && e.expires_at > now)
+                        .count()
+                })
+                .sum::<usize>() as u64
     }
 
     /// Conflicts found by reconciliation since the fallback was built.
     pub fn reconcile_conflicts(&self) -> u64 {
-        self.journal
-            .conflicts
-            .load(std::sync::atomic::Ordering::Relaxed)
+        self.journal.conflicts.load(Ordering::Relaxed)
+    }
+
+    /// Once per primary data loss the breaker noticed: every live journal
+    /// entry is replayed again, and every claim completed through the
+    /// primary joins the journal (answered from it, replayed by
+    /// [`reconcile`](Self::reconcile)).
+    fn after_data_loss(&self) {
+        let losses = self.breaker.data_losses();
+        let seen = self.journal.losses_seen.load(Ordering::Acquire);
+        if losses == seen
+            || self
+                .journal
+                .losses_seen
+                .compare_exchange(seen, losses, Ordering::AcqRel, Ordering::Acquire)
+                .is_err()
+        {
+            return;
+        }
+        let now = self.now();
+        for mut shard in self.journal.entries.each() {
+            for e in shard.map.values_mut() {
+                e.replayed = false;
+                e.version = self.journal.versions.next();
+            }
+        }
+        let mut restored = 0u64;
+        let completed: Vec<(String, Completion)> = self
+            .journal
+            .completed
+            .each()
+            .flat_map(|s| {
+                s.map
+                    .iter()
+                    .filter(|(_, c)| c.expires_at > now)
+                    .map(|(k, c)| (k.clone(), c.clone()))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        for (key, c) in completed {
+            if self.journal.entries.get(&key).is_some() {
+                continue;
+            }
+            let entry = JournalEntry {
+                fingerprint: c.fingerprint,
+                local: None,
+                primary: None,
+                state: EntryState::Completed(c.result),
+                expires_at: c.expires_at,
+                replayed: false,
+                version: self.journal.versions.next(),
+            };
+            restored += u64::from(self.journal.entries.insert(key, entry, now));
+        }
+        warn!(
+            restored,
+            "the primary lost data: the claims completed through it are answered locally and replayed"
+        );
     }
 
     /// Replays the journal to the primary (see the module docs). Does nothing
     /// unless the breaker routes to the primary. Entries whose replay meets an
     /// unavailable primary stay for the next pass. Passes run one at a time:
-    /// concurrent callers wait, and replay nothing twice.
+    /// concurrent callers wait, and replay nothing twice. An entry written
+    /// while its replay was in flight (completed, say) is replayed again in
+    /// the same pass, so its newest state reaches the primary.
     ///
     /// # Errors
     /// None so far: failures are counted in the report; the `Result` leaves
     /// room for backends that must report them.
     pub async fn reconcile(&self) -> Result<ReconcileReport> {
+        self.after_data_loss();
         let mut report = ReconcileReport::default();
         if !self.breaker.routes_to_primary() {
             report.pending = self.pending_reconcile();
             return Ok(report);
         }
         let _pass = self.journal.reconciling.lock().await;
-        let now = self.now();
-        let mut todo: Vec<(String, JournalEntry)> = Vec::new();
-        for mut shard in self.journal.entries.each() {
-            let before = shard.map.len();
-            shard.map.retain(|_, e| e.expires_at > now);
-            report.expired += (before - shard.map.len()) as u64;
-            todo.extend(
-                shard
-                    .map
-                    .iter()
-                    .filter(|(_, e)| !e.replayed)
-                    .map(|(k, e)| (k.clone(), e.clone())),
-            );
-        }
-        let replays = todo.into_iter().filter_map(|(key, entry)| {
-            let ttl = entry.expires_at.saturating_since(now);
-            (!ttl.is_zero()).then_some((key, entry, ttl))
-        });
-        // Up to REPLAY_CONCURRENCY replays in flight: they pipeline on the
-        // primary's connection, so a long outage's journal replays in a
-        // fraction of the one-by-one time.
-        let mut results = stream::iter(replays)
-            .map(|(key, entry, ttl)| async move {
-                // `None`: skipped, the primary went away meanwhile.
-                let r = if self.breaker.routes_to_primary() {
-                    Some(self.replay_one(&key, &entry, ttl).await)
-                } else {
-                    None
-                };
-                (key, r)
-            })
-            .buffer_unordered(REPLAY_CONCURRENCY);
-        while let Some((key, r)) = results.next().await {
-            let Some(r) = r else {
-                report.pending += 1;
-                continue;
-            };
-            match r {
-                Ok(Some(primary)) => {
-                    report.replayed += 1;
-                    self.journal
-                        .replayed
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    self.journal.entries.update(&key, |e| {
-                        e.replayed = true;
-                        if e.state == EntryState::Pending {
-                            e.primary = primary;
-                        }
-                    });
-                }
-                Ok(None) => {
-                    report.conflicts += 1;
-                    self.journal
-                        .conflicts
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    warn!(key = %key, "reconcile conflict: the primary already holds this key");
-                    self.journal.entries.update(&key, |e| e.replayed = true);
-                }
-                Err(e) if e.is_unavailable() => {
-                    self.breaker.record_failure(&e);
-                    report.pending += 1;
-                }
-                Err(e) => {
-                    // A caller error will not change on retry: give up on
-                    // this entry (the secondary keeps honouring it).
-                    warn!(key = %key, error = %e, "reconcile: the primary refused an entry");
-                    report.conflicts += 1;
-                    self.journal.entries.update(&key, |e| e.replayed = true);
-                }
+        report.expired = self.journal.entries.prune(self.now());
+        self.release_all_stale().await;
+        for _ in 0..REPLAY_ROUNDS {
+            let changed = self.replay_round(&mut report).await;
+            if changed == 0 {
+                break;
             }
         }
-        // Every live entry not replayed was tried: what is left is `pending`.
+        report.pending = self.pending_reconcile();
         crate::metrics::reconcile(report.replayed, report.conflicts, report.pending);
         if report.replayed + report.conflicts > 0 {
             info!(
@@ -296,18 +273,176 @@ impl<P: IdempotencyStore, S: IdempotencyStore> Fallback<P, S> {
         Ok(report)
     }
 
-    /// `Ok(Some(lease))`: replayed (the primary lease for pending entries);
-    /// `Ok(None)`: conflict.
-    async fn replay_one(
+    /// Replays every live entry not replayed yet; returns how many changed
+    /// while their replay was in flight.
+    async fn replay_round(&self, report: &mut ReconcileReport) -> u64 {
+        let now = self.now();
+        let mut todo: Vec<(String, JournalEntry)> = Vec::new();
+        for shard in self.journal.entries.each() {
+            todo.extend(
+                shard
+                    .map
+                    .iter()
+                    .filter(|(_, e)| !e.replayed && e.expires_at > now)
+                    .map(|(k, e)| (k.clone(), e.clone())),
+            );
+        }
+        // In key order, so a pass is the same whatever the maps' hashing.
+        todo.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        // Up to REPLAY_CONCURRENCY replays in flight: they pipeline on the
+        // primary's connection, so a long outage's journal replays in a
+        // fraction of the one-by-one time.
+        let mut results = stream::iter(todo)
+            .map(|(key, entry)| async move {
+                let ttl = entry.expires_at.saturating_since(now);
+                // `None`: skipped, the primary went away meanwhile.
+                let r = if self.breaker.routes_to_primary() && !ttl.is_zero() {
+                    Some(self.replay_one(&key, &entry, ttl).await)
+                } else {
+                    None
+                };
+                (key, entry.version, r)
+            })
+            .buffer_unordered(REPLAY_CONCURRENCY);
+        let mut changed = 0;
+        while let Some((key, version, r)) = results.next().await {
+            match r {
+                None => {}
+                Some(Ok(outcome)) => {
+                    changed += u64::from(!self.settle(&key, version, outcome, report).await);
+                }
+                Some(Err(e)) if e.is_unavailable() => self.breaker.record_failure(&e),
+                Some(Err(e)) => {
+                    // A caller error will not change on retry: give up on
+                    // this entry (the secondary keeps honouring it).
+                    warn!(key = %key, error = %e, "reconcile: the primary refused an entry");
+                    report.conflicts += 1;
+                    self.journal
+                        .entries
+                        .update(&key, self.now(), |e| e.replayed = true);
+                }
+            }
+        }
+        changed
+    }
+
+    /// Marks `key` replayed if it is still at `version`; returns `false` if
+    /// it changed meanwhile (it stays for the next round, with the primary
+    /// lease the replay got). A lease got for an entry released meanwhile
+    /// is released on the primary.
+    async fn settle(
         &self,
         key: &str,
-        entry: &JournalEntry,
-        ttl: Duration,
-    ) -> Result<Option<Option<Lease>>> {
+        version: u64,
+        outcome: Replayed,
+        report: &mut ReconcileReport,
+    ) -> bool {
+        let counter = match &outcome {
+            Replayed::Held(_) => {
+                report.replayed += 1;
+                &self.journal.replayed
+            }
+            Replayed::Conflict => {
+                report.conflicts += 1;
+                warn!(key = %key, "reconcile conflict: the primary already holds this key");
+                &self.journal.conflicts
+            }
+            Replayed::Busy => return true,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        let lease = match outcome {
+            Replayed::Held(lease) => lease,
+            Replayed::Conflict | Replayed::Busy => None,
+        };
+        let kept = self.journal.entries.update(key, self.now(), |e| {
+            if lease.is_some() {
+                // A fresh primary lease replaces any older one (the primary
+                // may have lost it).
+                e.primary.clone_from(&lease);
+            }
+            let same = e.version == version;
+            e.replayed = same;
+            same
+        });
+        match kept {
+            Some(same) => same,
+            None => {
+                if let Some(lease) = lease {
+                    if self.primary.release(&lease).await.is_err() {
+                        self.release_later(lease);
+                    }
+                }
+                true
+            }
+        }
+    }
+
+    /// Remembers a primary lease to release once the primary answers.
+    fn release_later(&self, lease: Lease) {
+        let mut shard = self.journal.unreleased.shard(lease.key());
+        let leases = shard.map.entry(lease.key().to_string()).or_default();
+        if !leases.contains(&lease) {
+            leases.push(lease);
+        }
+    }
+
+    fn unreleased(&self) -> u64 {
+        self.journal
+            .unreleased
+            .each()
+            .map(|s| s.map.len() as u64)
+            .sum()
+    }
+
+    /// Releases on the primary the leases of `key` released locally while
+    /// the primary did not answer, if any.
+    async fn release_stale(&self, key: &str) -> Result<()> {
+        let Some(leases) = self.journal.unreleased.get(key) else {
+            return Ok(());
+        };
+        for lease in leases {
+            match self.primary.release(&lease).await {
+                Ok(()) | Err(Error::LeaseLost { .. }) => {}
+                Err(e) => return Err(e),
+            }
+            let mut shard = self.journal.unreleased.shard(key);
+            if let Some(left) = shard.map.get_mut(key) {
+                left.retain(|l| *l != lease);
+                if left.is_empty() {
+                    shard.map.remove(key);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Releases every stale primary lease (see [`release_stale`](Self::release_stale)).
+    async fn release_all_stale(&self) {
+        let keys: Vec<String> = self
+            .journal
+            .unreleased
+            .each()
+            .flat_map(|s| s.map.keys().cloned().collect::<Vec<_>>())
+            .collect();
+        for key in keys {
+            if !self.breaker.routes_to_primary() {
+                return;
+            }
+            if let Err(e) = self.release_stale(&key).await {
+                if e.is_unavailable() {
+                    self.breaker.record_failure(&e);
+                }
+                return;
+            }
+        }
+    }
+
+    async fn replay_one(&self, key: &str, entry: &JournalEntry, ttl: Duration) -> Result<Replayed> {
+        self.release_stale(key).await?;
         // A completion of a lease the primary may still honour.
         if let (EntryState::Completed(result), Some(lease)) = (&entry.state, &entry.primary) {
             match self.primary.complete(lease, result.clone(), ttl).await {
-                Ok(()) => return Ok(Some(None)),
+                Ok(()) => return Ok(Replayed::Held(None)),
                 Err(Error::LeaseLost { .. }) => {}
                 Err(e) => return Err(e),
             }
@@ -315,12 +450,22 @@ impl<P: IdempotencyStore, S: IdempotencyStore> Fallback<P, S> {
         match self.primary.claim(key, &entry.fingerprint, ttl).await? {
             Claim::Acquired(lease) => match &entry.state {
                 EntryState::Completed(result) => {
-                    self.primary.complete(&lease, result.clone(), ttl).await?;
-                    Ok(Some(None))
+                    if let Err(e) = self.primary.complete(&lease, result.clone(), ttl).await {
+                        // The primary holds the key under this lease now:
+                        // the next replay completes through it.
+                        self.journal
+                            .entries
+                            .update(key, self.now(), |e| e.primary = Some(lease));
+                        return Err(e);
+                    }
+                    Ok(Replayed::Held(None))
                 }
-                EntryState::Pending => Ok(Some(Some(lease))),
+                EntryState::Pending => Ok(Replayed::Held(Some(lease))),
             },
-            Claim::InProgress { .. } | Claim::Completed(_) | Claim::Mismatch => Ok(None),
+            // Held by someone else for now: tried again by the next pass
+            // (the holder may release it, and then the primary must learn).
+            Claim::InProgress { .. } => Ok(Replayed::Busy),
+            Claim::Completed(_) | Claim::Mismatch => Ok(Replayed::Conflict),
         }
     }
 
@@ -332,6 +477,57 @@ impl<P: IdempotencyStore, S: IdempotencyStore> Fallback<P, S> {
             .map
             .get(key)
             .is_some_and(|e| e.expires_at > now)
+    }
+
+    /// What the journal says of `key` when the secondary no longer holds it
+    /// (evicted by its bound): the completion, or the pending claim.
+    fn journal_says(&self, key: &str, fingerprint: &Fingerprint) -> Option<Claim> {
+        let now = self.now();
+        let e = self
+            .journal
+            .entries
+            .get(key)
+            .filter(|e| e.expires_at > now)?;
+        if e.fingerprint != *fingerprint {
+            return Some(Claim::Mismatch);
+        }
+        Some(match e.state {
+            EntryState::Completed(result) => Claim::Completed(result),
+            EntryState::Pending => Claim::InProgress {
+                retry_after: e.expires_at.saturating_since(now),
+            },
+        })
+    }
+
+    /// What this process knows of `key` without the primary: a lease it
+    /// holds there, or a claim it completed there.
+    fn known_locally(&self, key: &str, fingerprint: &Fingerprint) -> Option<Claim> {
+        let now = self.now();
+        let known = |matches: bool, claim: Claim| {
+            if matches {
+                claim
+            } else {
+                Claim::Mismatch
+            }
+        };
+        if let Some(held) = self.journal.primary_leases.get(key) {
+            if held.expires_at > now {
+                let retry_after = held.expires_at.saturating_since(now);
+                return Some(known(
+                    held.fingerprint == *fingerprint,
+                    Claim::InProgress { retry_after },
+                ));
+            }
+        }
+        let done = self
+            .journal
+            .completed
+            .get(key)
+            .filter(|c| c.expires_at > now)?;
+        Some(known(
+            done.fingerprint == *fingerprint,
+            Claim::Completed(done.result),
+        ))
     }
 
     fn journal_claim(&self, key: &str, fingerprint: &Fingerprint, claim: &Claim, lease: Duration) {
@@ -346,8 +542,9 @@ impl<P: IdempotencyStore, S: IdempotencyStore> Fallback<P, S> {
                     state: EntryState::Pending,
                     expires_at: now.saturating_add(lease),
                     replayed: false,
+                    version: self.journal.versions.next(),
                 },
-                |e| e.expires_at > now,
+                now,
             );
         }
     }
@@ -363,15 +560,137 @@ impl<P: IdempotencyStore, S: IdempotencyStore> Fallback<P, S> {
             .cloned()
     }
 
+    /// The primary lease of `lease`'s key, if it is this one.
+    fn primary_lease(&self, lease: &Lease) -> Option<PrimaryLease> {
+        self.journal
+            .primary_leases
+            .get(lease.key())
+            .filter(|p| p.token == lease.token())
+    }
+
+    fn forget_primary_lease(&self, lease: &Lease) {
+        let mut shard = self.journal.primary_leases.shard(lease.key());
+        if shard
+            .map
+            .get(lease.key())
+            .is_some_and(|p| p.token == lease.token())
+        {
+            shard.map.remove(lease.key());
+        }
+    }
+
     async fn claim_on_secondary(
         &self,
         key: &str,
         fingerprint: &Fingerprint,
         lease: Duration,
     ) -> Result<Claim> {
+        if let Some(known) = self.known_locally(key, fingerprint) {
+            return Ok(known);
+        }
         let c = self.secondary.claim(key, fingerprint, lease).await?;
-        self.journal_claim(key, fingerprint, &c, lease);
-        Ok(c)
+        let Claim::Acquired(local) = &c else {
+            return Ok(c);
+        };
+        let held = {
+            let _decide = self.journal.claim_locks.shard(key);
+            let held = self.known_locally(key, fingerprint);
+            if held.is_none() {
+                self.journal_claim(key, fingerprint, &c, lease);
+            }
+            held
+        };
+        match held {
+            None => Ok(c),
+            Some(held) => {
+                // A primary claim of this process got the key meanwhile.
+                let _ = self.secondary.release(local).await;
+                Ok(held)
+            }
+        }
+    }
+
+    /// A lease the primary just gave: this process's primary lease of the
+    /// key, unless a local claim of it answered meanwhile (then the primary
+    /// lease goes back and the local holder's claim is the answer).
+    async fn hold_primary_lease(
+        &self,
+        key: &str,
+        fingerprint: &Fingerprint,
+        lease: &Lease,
+        duration: Duration,
+    ) -> Result<Option<Claim>> {
+        let local = {
+            let _decide = self.journal.claim_locks.shard(key);
+            let local = self.journal_says(key, fingerprint);
+            if local.is_none() {
+                let now = self.now();
+                self.journal.primary_leases.insert(
+                    key.to_string(),
+                    PrimaryLease {
+                        token: lease.token(),
+                        fingerprint: *fingerprint,
+                        expires_at: now.saturating_add(duration),
+                    },
+                    |p| p.expires_at > now,
+                );
+            }
+            local
+        };
+        if local.is_some() && self.primary.release(lease).await.is_err() {
+            self.release_later(lease.clone());
+        }
+        Ok(local)
+    }
+
+    /// A claim of a key the journal holds: the secondary answers; if it lost
+    /// the key (evicted), the journal does. `None` once the entry ran out.
+    async fn claim_journaled(
+        &self,
+        key: &str,
+        fingerprint: &Fingerprint,
+        lease: Duration,
+    ) -> Result<Option<Claim>> {
+        let c = self.secondary.claim(key, fingerprint, lease).await?;
+        let Claim::Acquired(l) = &c else {
+            return Ok(Some(c));
+        };
+        let _ = self.secondary.release(l).await;
+        if let Some(said) = self.journal_says(key, fingerprint) {
+            return Ok(Some(said));
+        }
+        // The local entry ran out: forget it and ask the primary.
+        self.journal.entries.remove(key);
+        Ok(None)
+    }
+
+    /// The primary's completion, written through to the local record.
+    async fn complete_on_primary(
+        &self,
+        lease: &Lease,
+        result: Option<Bytes>,
+        retention: Duration,
+    ) -> Result<()> {
+        // Looked up first: a concurrent release may forget the lease.
+        let held = self.primary_lease(lease);
+        self.primary
+            .complete(lease, result.clone(), retention)
+            .await?;
+        let Some(held) = held else {
+            return Ok(());
+        };
+        let now = self.now();
+        self.journal.completed.insert(
+            lease.key().to_string(),
+            Completion {
+                fingerprint: held.fingerprint,
+                result,
+                expires_at: now.saturating_add(retention),
+            },
+            now,
+        );
+        self.forget_primary_lease(lease);
+        Ok(())
     }
 
     /// Records locally the completion of a lease the primary gave, while the
@@ -382,18 +701,11 @@ impl<P: IdempotencyStore, S: IdempotencyStore> Fallback<P, S> {
         result: Option<Bytes>,
         retention: Duration,
     ) -> Result<()> {
-        let token = lease.token();
-        let Some((fingerprint, _)) = self
-            .journal
-            .primary_leases
-            .shard(&token)
-            .map
-            .get(&token)
-            .copied()
-        else {
+        let Some(held) = self.primary_lease(lease) else {
             // Not a lease this fallback handed out: nothing to record it by.
             return Err(Error::lease_lost(lease.key()));
         };
+        let fingerprint = held.fingerprint;
         match self
             .secondary
             .claim(lease.key(), &fingerprint, retention)
@@ -419,10 +731,54 @@ impl<P: IdempotencyStore, S: IdempotencyStore> Fallback<P, S> {
                 state: EntryState::Completed(result),
                 expires_at: now.saturating_add(retention),
                 replayed: false,
+                version: self.journal.versions.next(),
             },
-            |e| e.expires_at > now,
+            now,
         );
-        self.journal.primary_leases.remove(&token);
+        self.forget_primary_lease(lease);
+        Ok(())
+    }
+
+    /// Completes a lease the secondary gave (a journal entry), and forwards
+    /// the completion to the primary if a replay already holds the key there.
+    async fn complete_journaled(
+        &self,
+        lease: &Lease,
+        result: Option<Bytes>,
+        retention: Duration,
+    ) -> Result<()> {
+        self.secondary
+            .complete(lease, result.clone(), retention)
+            .await?;
+        let expires_at = self.now().saturating_add(retention);
+        let version = self.journal.versions.next();
+        let forward = self
+            .journal
+            .entries
+            .update(lease.key(), self.now(), |e| {
+                e.state = EntryState::Completed(result.clone());
+                e.expires_at = expires_at;
+                e.local = None;
+                e.replayed = false;
+                e.version = version;
+                e.primary.clone()
+            })
+            .ok_or_else(|| Error::lease_lost(lease.key()))?;
+        // Already replayed as pending: finish it on the primary too.
+        if let Some(primary) = forward {
+            if self
+                .primary
+                .complete(&primary, result, retention)
+                .await
+                .is_ok()
+            {
+                self.journal.entries.update(lease.key(), self.now(), |e| {
+                    if e.version == version {
+                        e.replayed = true;
+                    }
+                });
+            }
+        }
         Ok(())
     }
 }
@@ -438,31 +794,29 @@ impl<P: IdempotencyStore, S: IdempotencyStore> IdempotencyStore for Fallback<P, 
     }
 
     async fn claim(&self, key: &str, fingerprint: &Fingerprint, lease: Duration) -> Result<Claim> {
+        // A data loss the breaker just noticed is acted on before the
+        // emptied primary can hand out a completed key again.
+        self.after_data_loss();
         if self.journal_live(key) {
-            let c = self.secondary.claim(key, fingerprint, lease).await?;
-            match &c {
-                Claim::Acquired(l) => {
-                    // The local entry ran out: forget it and ask the primary.
-                    let _ = self.secondary.release(l).await;
-                    self.journal.entries.remove(key);
-                }
-                _ => return Ok(c),
+            if let Some(c) = self.claim_journaled(key, fingerprint, lease).await? {
+                return Ok(c);
             }
         }
-        let claimed = self
+        let (claimed, side) = self
             .call_with(
-                || self.primary.claim(key, fingerprint, lease),
-                || self.claim_on_secondary(key, fingerprint, lease),
+                || async {
+                    let c = self.primary.claim(key, fingerprint, lease).await?;
+                    Ok((c, Side::Primary))
+                },
+                || async {
+                    let c = self.claim_on_secondary(key, fingerprint, lease).await?;
+                    Ok((c, Side::Secondary))
+                },
             )
             .await?;
-        if let Claim::Acquired(l) = &claimed {
-            if !self.journal_live(key) {
-                let now = self.now();
-                self.journal.primary_leases.insert(
-                    l.token(),
-                    (*fingerprint, now.saturating_add(lease)),
-                    |(_, exp)| *exp > now,
-                );
+        if let (Claim::Acquired(l), Side::Primary) = (&claimed, side) {
+            if let Some(local) = self.hold_primary_lease(key, fingerprint, l, lease).await? {
+                return Ok(local);
             }
         }
         Ok(claimed)
@@ -474,48 +828,14 @@ impl<P: IdempotencyStore, S: IdempotencyStore> IdempotencyStore for Fallback<P, 
         result: Option<Bytes>,
         retention: Duration,
     ) -> Result<()> {
-        if let Some(entry) = self.local_entry(lease) {
-            self.secondary
-                .complete(lease, result.clone(), retention)
-                .await?;
-            let forward = {
-                let mut entries = self.journal.entries.shard(lease.key());
-                let e = entries
-                    .map
-                    .get_mut(lease.key())
-                    .ok_or_else(|| Error::lease_lost(lease.key()))?;
-                e.state = EntryState::Completed(result.clone());
-                e.expires_at = self.now().saturating_add(retention);
-                e.local = None;
-                e.replayed = false;
-                entry.primary.clone()
-            };
-            // Already replayed as pending: finish it on the primary too.
-            if let Some(primary) = forward {
-                if self
-                    .primary
-                    .complete(&primary, result, retention)
-                    .await
-                    .is_ok()
-                {
-                    self.journal
-                        .entries
-                        .update(lease.key(), |e| e.replayed = true);
-                }
-            }
-            return Ok(());
+        if self.local_entry(lease).is_some() {
+            return self.complete_journaled(lease, result, retention).await;
         }
-        let r = self
-            .call_with(
-                || self.primary.complete(lease, result.clone(), retention),
-                || self.complete_locally(lease, result.clone(), retention),
-            )
-            .await;
-        if r.is_ok() {
-            let token = lease.token();
-            self.journal.primary_leases.remove(&token);
-        }
-        r
+        self.call_with(
+            || self.complete_on_primary(lease, result.clone(), retention),
+            || self.complete_locally(lease, result.clone(), retention),
+        )
+        .await
     }
 
     async fn release(&self, lease: &Lease) -> Result<()> {
@@ -523,14 +843,17 @@ impl<P: IdempotencyStore, S: IdempotencyStore> IdempotencyStore for Fallback<P, 
             self.secondary.release(lease).await?;
             self.journal.entries.remove(lease.key());
             if let Some(primary) = entry.primary {
-                let _ = self.primary.release(&primary).await;
+                if self.primary.release(&primary).await.is_err() {
+                    self.release_later(primary);
+                }
             }
             return Ok(());
         }
-        let token = lease.token();
-        let known = self.journal.primary_leases.remove(&token).is_some();
+        let known = self.primary_lease(lease).is_some();
+        self.forget_primary_lease(lease);
         self.call(self.primary.release(lease), async {
             if known {
+                self.release_later(lease.clone());
                 Ok(())
             } else {
                 Err(Error::lease_lost(lease.key()))
@@ -541,31 +864,36 @@ impl<P: IdempotencyStore, S: IdempotencyStore> IdempotencyStore for Fallback<P, 
 
     async fn extend(&self, lease: &Lease, by: Duration) -> Result<()> {
         crate::idempotency::check_lease_duration("by", by)?;
+        let expires_at = self.now().saturating_add(by);
         if let Some(entry) = self.local_entry(lease) {
             self.secondary.extend(lease, by).await?;
-            let expires_at = self.now().saturating_add(by);
-            self.journal
-                .entries
-                .update(lease.key(), |e| e.expires_at = expires_at);
+            let version = self.journal.versions.next();
+            self.journal.entries.update(lease.key(), self.now(), |e| {
+                e.expires_at = expires_at;
+                e.version = version;
+            });
             if let Some(primary) = entry.primary {
                 let _ = self.primary.extend(&primary, by).await;
             }
             return Ok(());
         }
-        let token = lease.token();
-        let known = self
-            .journal
-            .primary_leases
-            .shard(&token)
-            .map
-            .contains_key(&token);
-        self.call(self.primary.extend(lease, by), async {
-            if known {
-                Ok(())
-            } else {
-                Err(Error::lease_lost(lease.key()))
-            }
-        })
-        .await
+        let known = self.primary_lease(lease).is_some();
+        let r = self
+            .call(self.primary.extend(lease, by), async {
+                if known {
+                    Ok(())
+                } else {
+                    Err(Error::lease_lost(lease.key()))
+                }
+            })
+            .await;
+        if r.is_ok() {
+            self.journal.primary_leases.update(lease.key(), |p| {
+                if p.token == lease.token() {
+                    p.expires_at = expires_at;
+                }
+            });
+        }
+        r
     }
 }

@@ -42,13 +42,18 @@
 //! ```
 
 mod breaker;
+mod copies;
+mod drain;
 mod idempotency;
+mod journal;
 mod spool;
 mod status;
 
-pub use breaker::{Breaker, BreakerConfig, Probe, ProbeTask};
+pub use breaker::{Breaker, BreakerConfig, PrimaryIdentity, Probe, ProbeTask};
+pub use copies::DoubleEnqueues;
+pub use drain::{DrainLimits, DrainReport};
 pub use idempotency::ReconcileReport;
-pub use spool::DrainReport;
+pub use journal::{JournalLimits, JournalUsage};
 pub use status::{apply_breaker, spawn_status_bridge};
 
 use std::future::Future;
@@ -121,6 +126,9 @@ pub struct Fallback<P, S> {
     rate_limit_policy: RateLimitPolicy,
     journal: Arc<idempotency::Journal>,
     local_leases: Arc<spool::LocalLeases>,
+    copies: Arc<copies::Copies>,
+    drain_limits: drain::DrainLimits,
+    drain_state: Arc<drain::DrainState>,
 }
 
 impl<P, S> Fallback<P, S> {
@@ -135,6 +143,9 @@ impl<P, S> Fallback<P, S> {
             rate_limit_policy: RateLimitPolicy::default(),
             journal: Arc::default(),
             local_leases: Arc::default(),
+            copies: Arc::default(),
+            drain_limits: drain::DrainLimits::default(),
+            drain_state: Arc::default(),
         }
     }
 

@@ -2,9 +2,11 @@
 //! primary was unavailable drain back to it, with the same ids.
 //!
 //! - `enqueue` goes to the primary, or to the secondary when the primary is
-//!   skipped, unavailable or late. (A late primary may still have stored the
-//!   batch: the drain then finds the ids there and the primary skips them as
-//!   duplicates.)
+//!   skipped, unavailable or late. A late primary may still have stored the
+//!   batch: such records are counted ([`Fallback::double_enqueues`], a
+//!   metric, a `warn` event) and delivered from one side only (the first
+//!   side to hand a copy out keeps it; the other copy is acked unseen when a
+//!   lease or a drain meets it; a drained copy is a duplicate id there).
 //! - `lease` reads the primary, then tops the batch up from the secondary
 //!   (records not drained yet); only the secondary while the breaker is
 //!   open: delivery goes on during the outage. Leases handed out by the secondary
@@ -12,10 +14,12 @@
 //!   the side that gave them.
 //! - [`Fallback::drain`] moves due records of the secondary to the primary
 //!   (same id, payload, attempts and first-enqueue time) and acks them on the
-//!   secondary only once the primary's `enqueue` returned: a crash in
-//!   between leaves them on both sides, never on neither. A durable
-//!   secondary is not drained into a primary that is not durable (Redis
-//!   without AOF): its records stay and are delivered from there.
+//!   secondary only once the primary's `enqueue` returned, as durable as
+//!   required: a crash in between leaves them on both sides, never on
+//!   neither. A durable secondary is not drained into a primary that is not
+//!   durable (Redis without AOF): its records stay and are delivered from
+//!   there. See `fallback/drain.rs` for the batch bounds and the durability
+//!   rule.
 //! - `stats`, `list_dead`, `redrive_dead` and `purge_dead` cover both sides
 //!   (the primary's only while it is reachable).
 
@@ -25,63 +29,197 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
+use tracing::warn;
+
+use super::copies::{Side, Verdict};
 use super::Fallback;
 use crate::capability::Capabilities;
 use crate::clock::Timestamp;
 use crate::error::{Error, Result, UnavailableReason};
 use crate::idempotency::LeaseToken;
 use crate::spool::{
-    DeadReason, DeadRecord, Enqueued, Leased, NackOutcome, NewRecord, Spool, SpoolStats, SpoolToken,
+    DeadReason, DeadRecord, Enqueued, Leased, NackOutcome, NewRecord, Record, RecordId, Spool,
+    SpoolStats, SpoolToken,
 };
 
-/// Records moved per drain step.
-const DRAIN_BATCH: usize = 256;
-/// Lease the drain holds on the secondary while it copies a batch.
-const DRAIN_LEASE: Duration = Duration::from_secs(30);
+/// Leases handed out by the secondary kept before old ones are pruned.
+const PRUNE_ROUTES_AT: usize = 1_024;
 
 /// How long a secondary lease's token keeps routing to the secondary after
 /// the lease ended: repeated or stale acks of it must still get the
 /// secondary's answer (idempotent ack, `LeaseLost`), not the primary's.
 const ROUTE_KEEP: Duration = Duration::from_secs(600);
 
-/// Leases the secondary handed out, by token, with their end.
+/// Leases the secondary handed out, by token, with their end; and the
+/// leases drains took from the secondary, by record.
 #[derive(Debug, Default)]
-pub(super) struct LocalLeases(Mutex<HashMap<LeaseToken, Timestamp>>);
+pub(super) struct LocalLeases {
+    routes: Mutex<HashMap<LeaseToken, Timestamp>>,
+    drained: Mutex<HashMap<RecordId, u32>>,
+}
 
 impl LocalLeases {
     fn lock(&self) -> MutexGuard<'_, HashMap<LeaseToken, Timestamp>> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner())
+        self.routes.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn drained(&self) -> MutexGuard<'_, HashMap<RecordId, u32>> {
+        self.drained.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A drain leased these records: one more lease of each that was no
+    /// delivery attempt.
+    pub(super) fn borrow(&self, batch: &[Leased]) {
+        let mut d = self.drained();
+        if d.len() > MAX_DRAIN_BORROWS {
+            // Records gone from the secondary some other way: start over.
+            d.clear();
+        }
+        for l in batch {
+            *d.entry(l.record.id.clone()).or_default() += 1;
+        }
+    }
+
+    /// A lease of `id` that delivered nothing (a dropped copy whose ack
+    /// failed: it will be leased again).
+    pub(super) fn borrow_one(&self, id: &RecordId) {
+        *self.drained().entry(id.clone()).or_default() += 1;
+    }
+
+    /// The record's delivery attempts: its count minus the drains' leases.
+    pub(super) fn attempts(&self, record: &Record) -> u32 {
+        let borrowed = self.drained().get(&record.id).copied().unwrap_or(0);
+        record.attempts.saturating_sub(borrowed)
+    }
+
+    /// Corrects the attempts of records the secondary delivers.
+    fn correct(&self, got: &mut [Leased]) {
+        let d = self.drained();
+        if d.is_empty() {
+            return;
+        }
+        for l in got {
+            if let Some(n) = d.get(&l.record.id) {
+                l.record.attempts = l.record.attempts.saturating_sub(*n);
+            }
+        }
+    }
+
+    /// The record left the secondary.
+    pub(super) fn settled(&self, id: &RecordId) {
+        let mut d = self.drained();
+        if !d.is_empty() {
+            d.remove(id);
+        }
     }
 }
 
-/// What one [`Fallback::drain`] did.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct DrainReport {
-    /// Records the primary now holds and the secondary let go.
-    pub moved: u64,
-    /// Records the primary already had (same id).
-    pub duplicates: u64,
-    /// `true` if the primary became unavailable during the drain.
-    pub interrupted: bool,
-    /// `true` if nothing moved because the secondary is durable and the
-    /// primary is not (e.g. Redis without AOF): the records stay where a
-    /// crash cannot take them, and `lease` delivers them from there.
-    pub kept_local: bool,
-}
+/// Records whose drain leases are remembered at most (a bound on memory:
+/// past it the corrections start over).
+const MAX_DRAIN_BORROWS: usize = 1 << 20;
 
 impl<P: Spool, S: Spool> Fallback<P, S> {
     fn is_local(&self, token: &SpoolToken) -> bool {
         self.local_leases.lock().contains_key(&token.lease())
     }
 
+    /// The secondary's enqueue, counted as a fallback for `reason`; its
+    /// durability is what drains require of the primary.
+    async fn enqueue_locally(
+        &self,
+        reason: &'static str,
+        batch: Vec<NewRecord>,
+    ) -> Result<Enqueued> {
+        let r = self
+            .answer_locally(reason, self.secondary.enqueue(batch))
+            .await;
+        if let Ok(e) = &r {
+            self.drain_state.saw_local(e.durability);
+        }
+        r
+    }
+
+    /// The copies of a batch the primary may have stored although its
+    /// enqueue timed out, which the secondary takes too: counted, logged,
+    /// and tracked so only one of the two copies is delivered.
+    fn copies_on_both_sides(&self, batch: &[NewRecord]) {
+        self.copies.both(batch.iter().map(|r| &r.id));
+        crate::metrics::double_enqueue(batch.len() as u64);
+        warn!(
+            records = batch.len(),
+            "the primary's enqueue timed out and may have stored the batch; the secondary takes it too (one copy will be delivered)"
+        );
+    }
+
+    /// Acks, without delivering, the leased copies whose other copy was
+    /// handed out first.
+    async fn drop_delivered(&self, got: &mut Vec<Leased>, side: Side) {
+        let mut dropped = Vec::new();
+        got.retain(|l| {
+            let keep = self.copies.verdict(&l.record.id, side) != Verdict::Drop;
+            if !keep {
+                dropped.push(l.token.clone());
+            }
+            keep
+        });
+        for token in dropped {
+            let acked = match side {
+                Side::Primary => self.primary.ack(&token).await,
+                Side::Secondary => self.secondary.ack(&token).await,
+            };
+            if acked.is_err() {
+                self.local_leases.borrow_one(token.id());
+            }
+            self.copies.dropped(token.id(), acked.is_ok());
+        }
+    }
+
+    /// Leaves in a drain's batch only the records to move: acks those whose
+    /// primary copy was handed out, gives back for a later drain those whose
+    /// primary copy must go first (see `Copies::drain_verdict`); `true` if
+    /// it gave some back.
+    pub(super) async fn sort_drained(&self, batch: &mut Vec<Leased>) -> bool {
+        let mut dropped = Vec::new();
+        let mut held = Vec::new();
+        batch.retain(|l| match self.copies.drain_verdict(&l.record.id) {
+            Verdict::Keep => true,
+            Verdict::Drop => {
+                dropped.push(l.token.clone());
+                false
+            }
+            Verdict::Hold => {
+                held.push(l.token.clone());
+                false
+            }
+        });
+        for token in dropped {
+            let acked = self.secondary.ack(&token).await;
+            if acked.is_err() {
+                self.local_leases.borrow_one(token.id());
+            }
+            self.copies.dropped(token.id(), acked.is_ok());
+        }
+        for token in &held {
+            let _ = self.secondary.nack(token, Duration::ZERO).await;
+        }
+        !held.is_empty()
+    }
+
+    /// Records a timed-out primary enqueue may have left on both sides, and
+    /// the copies acked without delivery because the other was handed out.
+    pub fn double_enqueues(&self) -> super::DoubleEnqueues {
+        self.copies.counts()
+    }
+
     async fn lease_local(&self, max: usize, ttl: Duration) -> Result<Vec<Leased>> {
-        let got = self.secondary.lease(max, ttl).await?;
+        let mut got = self.secondary.lease(max, ttl).await?;
+        self.drop_delivered(&mut got, Side::Secondary).await;
+        self.local_leases.correct(&mut got);
         if !got.is_empty() {
             let now = self.breaker.clock().now();
             let until = now.saturating_add(ttl);
             let mut leases = self.local_leases.lock();
-            if leases.len() > 4 * DRAIN_BATCH {
+            if leases.len() > PRUNE_ROUTES_AT {
                 // Leases long over need no route any more.
                 leases.retain(|_, end| end.saturating_add(ROUTE_KEEP) > now);
             }
@@ -104,73 +242,6 @@ impl<P: Spool, S: Spool> Fallback<P, S> {
             ))
         })
         .await
-    }
-
-    /// Moves the secondary's due records to the primary (see the module
-    /// docs), until the secondary has none due or the primary fails.
-    ///
-    /// # Errors
-    /// Caller errors of the primary (e.g. [`Error::Full`]); the records stay
-    /// on the secondary.
-    pub async fn drain(&self) -> Result<DrainReport> {
-        let mut report = DrainReport::default();
-        if self.secondary.capabilities().durable && !self.primary.capabilities().durable {
-            report.kept_local = true;
-            return Ok(report);
-        }
-        while self.breaker.routes_to_primary() {
-            let batch = self.secondary.lease(DRAIN_BATCH, DRAIN_LEASE).await?;
-            if batch.is_empty() {
-                break;
-            }
-            let records: Vec<NewRecord> = batch
-                .iter()
-                .map(|l| {
-                    NewRecord::new(l.record.id.clone(), l.record.payload.clone()).with_history(
-                        // This lease was the drain's, not a delivery attempt.
-                        l.record.attempts.saturating_sub(1),
-                        l.record.enqueued_at,
-                    )
-                })
-                .collect();
-            let stored = tokio::time::timeout(self.deadline, self.primary.enqueue(records)).await;
-            match stored {
-                Ok(Ok(e)) => {
-                    self.breaker.record_success();
-                    report.moved += e.accepted as u64;
-                    crate::metrics::drained(e.accepted as u64);
-                    report.duplicates += e.duplicates as u64;
-                    for l in &batch {
-                        // Only now may the secondary forget them.
-                        self.secondary.ack(&l.token).await?;
-                    }
-                }
-                Ok(Err(e)) if !e.is_unavailable() => {
-                    for l in &batch {
-                        let _ = self.secondary.nack(&l.token, Duration::ZERO).await;
-                    }
-                    return Err(e);
-                }
-                Ok(Err(e)) => {
-                    self.breaker.record_failure(&e);
-                    report.interrupted = true;
-                }
-                Err(_) => {
-                    self.breaker.record_failure(&Error::Timeout {
-                        backend: "primary",
-                        after: self.deadline,
-                    });
-                    report.interrupted = true;
-                }
-            }
-            if report.interrupted {
-                for l in &batch {
-                    let _ = self.secondary.nack(&l.token, Duration::ZERO).await;
-                }
-                break;
-            }
-        }
-        Ok(report)
     }
 
     /// The primary's answer while reachable, else `None`.
@@ -198,21 +269,47 @@ impl<P: Spool, S: Spool> Spool for Fallback<P, S> {
     async fn enqueue(&self, batch: Vec<NewRecord>) -> Result<Enqueued> {
         if !self.breaker.routes_to_primary() {
             // Open: no copy of the batch, no primary future.
-            return self
-                .answer_locally("open", self.secondary.enqueue(batch))
-                .await;
+            return self.enqueue_locally("open", batch).await;
         }
-        self.call(
-            self.primary.enqueue(batch.clone()),
-            self.secondary.enqueue(batch),
-        )
-        .await
+        let reason =
+            match tokio::time::timeout(self.deadline, self.primary.enqueue(batch.clone())).await {
+                Ok(Ok(e)) => {
+                    self.breaker.record_success();
+                    crate::metrics::call("primary", "ok");
+                    return Ok(e);
+                }
+                Ok(Err(e)) if !e.is_unavailable() => {
+                    self.breaker.record_success();
+                    crate::metrics::call("primary", "error");
+                    return Err(e);
+                }
+                Ok(Err(e)) => {
+                    self.breaker.record_failure(&e);
+                    crate::metrics::call("primary", "unavailable");
+                    if e.unavailable_reason() == Some(UnavailableReason::Timeout) {
+                        self.copies_on_both_sides(&batch);
+                    }
+                    "unavailable"
+                }
+                Err(_) => {
+                    self.breaker.record_failure(&Error::Timeout {
+                        backend: "primary",
+                        after: self.deadline,
+                    });
+                    crate::metrics::call("primary", "timeout");
+                    self.copies_on_both_sides(&batch);
+                    "timeout"
+                }
+            };
+        self.enqueue_locally(reason, batch).await
     }
 
     async fn lease(&self, max: usize, ttl: Duration) -> Result<Vec<Leased>> {
         let Some(mut got) = self.primary_if_up(self.primary.lease(max, ttl)).await? else {
             return self.lease_local(max, ttl).await;
         };
+        self.drop_delivered(&mut got, Side::Primary).await;
+        self.local_leases.correct(&mut got);
         if got.len() < max {
             // Records the secondary still holds (not drained yet, or kept
             // there because the primary is not durable) are delivered too.
@@ -223,7 +320,9 @@ impl<P: Spool, S: Spool> Spool for Fallback<P, S> {
 
     async fn ack(&self, token: &SpoolToken) -> Result<()> {
         if self.is_local(token) {
-            return self.secondary.ack(token).await;
+            self.secondary.ack(token).await?;
+            self.local_leases.settled(token.id());
+            return Ok(());
         }
         self.primary_only(self.primary.ack(token)).await
     }
@@ -247,7 +346,9 @@ impl<P: Spool, S: Spool> Spool for Fallback<P, S> {
 
     async fn dead_letter(&self, token: &SpoolToken, reason: DeadReason) -> Result<()> {
         if self.is_local(token) {
-            return self.secondary.dead_letter(token, reason).await;
+            self.secondary.dead_letter(token, reason).await?;
+            self.local_leases.settled(token.id());
+            return Ok(());
         }
         self.primary_only(self.primary.dead_letter(token, reason))
             .await
