@@ -2,7 +2,8 @@
 //!
 //! The one question every mapping answers: may another backend answer this
 //! call instead? Connection, timeout, pool, `READONLY`, `MASTERDOWN`,
-//! `LOADING` and cluster-state errors are *unavailable*; `WRONGTYPE`, failed
+//! `LOADING`, `OOM` (out of memory under `noeviction`), `BUSY` (a long
+//! script) and cluster-state errors are *unavailable*; `WRONGTYPE`, failed
 //! authentication, script and command errors are not. Every message goes
 //! through [`redact`] so no credential ever reaches an error, a log line or
 //! the status.
@@ -65,6 +66,12 @@ pub(crate) fn map(err: &RedisError, context: &str) -> (Error, Disposition) {
             return unavailable(UnavailableReason::MasterDown, Disposition::Reconnect)
         }
         Some("LOADING") => return unavailable(UnavailableReason::Loading, Disposition::Keep),
+        // `maxmemory` reached under `noeviction`: the server refuses writes
+        // until memory frees; the connection is fine.
+        Some("OOM") => return unavailable(UnavailableReason::OutOfMemory, Disposition::Keep),
+        // A script runs longer than `busy-reply-threshold`: every other
+        // command waits for it (or for `SCRIPT KILL`).
+        Some("BUSY") => return unavailable(UnavailableReason::Busy, Disposition::Keep),
         Some("CLUSTERDOWN" | "TRYAGAIN" | "MOVED" | "ASK") => {
             return unavailable(UnavailableReason::ClusterDown, Disposition::Keep)
         }
