@@ -753,6 +753,28 @@ pub struct RedisConfig {
     /// durability.
     #[serde(with = "duration")]
     pub spool_wait_timeout: Duration,
+    /// What the idempotency store and the rate limiter do on a server
+    /// whose `maxmemory-policy` may evict their keys. Default `refuse`.
+    pub on_evicting_policy: OnEvictingPolicy,
+}
+
+/// What the Redis idempotency store and rate limiter do on a server whose
+/// `maxmemory-policy` may evict keys (anything but `noeviction`): an
+/// evicted pending claim is acquired again (the event is processed twice),
+/// an evicted limit starts afresh. The spool refuses such a server either
+/// way (an evicted record is lost).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+#[non_exhaustive]
+pub enum OnEvictingPolicy {
+    /// Do not use the server: calls answer unavailable (misconfigured),
+    /// so the local side answers, and status shows an alert naming the
+    /// policy. The default.
+    #[default]
+    Refuse,
+    /// Use it anyway, knowingly; status shows the accepted policy as an
+    /// alert.
+    Accept,
 }
 
 impl Default for RedisConfig {
@@ -771,6 +793,7 @@ impl Default for RedisConfig {
             pool_size: DEFAULT_POOL_SIZE,
             spool_wait_replicas: 0,
             spool_wait_timeout: DEFAULT_SPOOL_WAIT_TIMEOUT,
+            on_evicting_policy: OnEvictingPolicy::Refuse,
         }
     }
 }

@@ -91,7 +91,7 @@ use deadpool_redis::redis::{
     self, AsyncConnectionConfig, Client, Cmd, ErrorKind, IntoConnectionInfo, Pipeline, RedisError,
     RedisFuture, RedisResult, Script, ServerErrorKind, Value,
 };
-use reliability_core::config::{RedisConfig, RedisUrl};
+use reliability_core::config::{OnEvictingPolicy, RedisConfig, RedisUrl};
 use reliability_core::{Error, KeySpace, Result, SharedClock, UnavailableReason};
 
 use crate::error::{self, Disposition};
@@ -133,6 +133,9 @@ struct Inner {
     response_timeout: Duration,
     /// Set by the Sentinel watcher while a failover is in progress.
     failover: AtomicBool,
+    /// The server's `maxmemory-policy`, cached (see `policy.rs`).
+    policy: crate::policy::PolicyCache,
+    on_evicting_policy: OnEvictingPolicy,
 }
 
 /// The shared connection and its generation.
@@ -223,6 +226,8 @@ impl RedisClient {
             connect_timeout: cfg.connect_timeout,
             response_timeout: cfg.response_timeout,
             failover: AtomicBool::new(false),
+            policy: crate::policy::PolicyCache::default(),
+            on_evicting_policy: cfg.on_evicting_policy,
         });
         if let Some(s) = &cfg.sentinel {
             // Without a runtime (a client built outside tokio) there is no
@@ -281,6 +286,16 @@ impl RedisClient {
     /// How the client reaches Redis.
     pub fn mode(&self) -> Mode {
         self.inner.mode
+    }
+
+    /// What the idempotency store and the rate limiter do on a server
+    /// whose `maxmemory-policy` may evict keys (`redis.onEvictingPolicy`).
+    pub fn on_evicting_policy(&self) -> OnEvictingPolicy {
+        self.inner.on_evicting_policy
+    }
+
+    pub(crate) fn policy_cache(&self) -> &crate::policy::PolicyCache {
+        &self.inner.policy
     }
 
     /// The bound of one command (the configured response timeout).

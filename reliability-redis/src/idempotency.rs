@@ -275,6 +275,14 @@ impl RedisIdempotencyStore {
         cmd
     }
 
+    /// Refuses a server that may evict claims, unless accepted (see
+    /// [`RedisClient::check_eviction`]).
+    async fn check_eviction(&self) -> Result<()> {
+        self.client
+            .check_eviction("idempotency", self.client.on_evicting_policy())
+            .await
+    }
+
     /// Physical TTL margin: see [`OVERRIDE_MARGIN_MS`].
     fn margin_ms(&self) -> u64 {
         if self.clock_override.is_some() {
@@ -294,6 +302,7 @@ impl RedisIdempotencyStore {
         args: impl FnOnce(&mut Cmd),
     ) -> Result<()> {
         let key = self.key(lease.key())?;
+        self.check_eviction().await?;
         let mut cmd = self.call(script, &key, 1 + extra);
         cmd.arg(lease.token().to_string());
         args(&mut cmd);
@@ -327,6 +336,7 @@ impl IdempotencyStore for RedisIdempotencyStore {
     async fn claim(&self, key: &str, fingerprint: &Fingerprint, lease: Duration) -> Result<Claim> {
         let redis_key = self.key(key)?;
         check_lease_duration("lease", lease)?;
+        self.check_eviction().await?;
         let token = LeaseToken::generate();
         let lease_us = positive_us(lease);
         let mut cmd = evalsha(&self.scripts.claim, 1, 6);

@@ -22,6 +22,7 @@
 pub mod client;
 mod error;
 pub mod idempotency;
+mod policy;
 mod probe;
 pub mod rate_limit;
 mod script;
@@ -30,7 +31,9 @@ mod spool;
 #[cfg(feature = "test-harness")]
 pub mod harness;
 
+
 pub use client::{Mode, RedisClient};
 pub use idempotency::{RedisIdempotencyStore, RedisIdempotencyStoreBuilder};
+pub use policy::Policy;
 pub use rate_limit::{RedisRateLimiter, RedisRateLimiterBuilder};
 pub use spool::{RedisSpool, RedisSpoolBuilder};

@@ -196,6 +196,9 @@ impl RedisRateLimiter {
         } else {
             0
         };
+        self.client
+            .check_eviction("rate limit", self.client.on_evicting_policy())
+            .await?;
         let mut cmd = evalsha(&self.script, 1, 6);
         cmd.arg(redis_key.as_str());
         push_now(&mut cmd, self.clock_override.as_ref());

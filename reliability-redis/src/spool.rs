@@ -10,6 +10,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use deadpool_redis::redis::{cmd, Script, Value};
 use reliability_core::clock::duration_micros;
+use reliability_core::config::OnEvictingPolicy;
 use reliability_core::key::validate_segment;
 use reliability_core::{
     Capabilities, DeadReason, DeadRecord, Durability, Enqueued, Error, KeySpace, LeaseToken,
@@ -439,7 +440,15 @@ impl RedisSpoolBuilder {
     /// errors.
     pub async fn open(self) -> Result<RedisSpool> {
         let spool = self.open_lazy()?;
-        spool.checked().await?;
+        spool.checked().await.map_err(|e| match e {
+            // Refused at open: a deployment error, not an outage.
+            Error::Unavailable {
+                reason: UnavailableReason::Misconfigured,
+                message,
+                ..
+            } => Error::config("redis.maxmemory-policy", message),
+            other => other,
+        })?;
         tracing::debug!(spool = %spool.base, durability = ?spool.durability(), "redis spool opened");
         Ok(spool)
     }
@@ -448,7 +457,10 @@ impl RedisSpoolBuilder {
     /// must start while Redis is down (behind a
     /// [`Fallback`](reliability_core::fallback::Fallback)). The checks of
     /// [`open`](Self::open) run on the first call that reaches the server,
-    /// and that call fails with their error; until they succeed,
+    /// and that call fails with their error (an evicting policy is
+    /// unavailable, [`UnavailableReason::Misconfigured`], so a `Fallback`
+    /// answers from its secondary; the policy is read again at most every
+    /// few seconds, not on every call); until they succeed,
     /// [`durability`](RedisSpool::durability) says
     /// [`Durability::Volatile`] (nothing is known yet).
     ///
@@ -483,33 +495,17 @@ impl RedisSpoolBuilder {
     }
 }
 
-/// Reads the eviction policy (refusing evicting ones) and the AOF settings.
+/// Reads the eviction policy (refusing evicting ones: unavailable,
+/// misconfigured, from the client's cached read, so a failing check never
+/// repeats `CONFIG GET` on every call) and the AOF settings.
 async fn server_durability(client: &RedisClient) -> Result<Durability> {
-    let mut c = cmd("CONFIG");
-    c.arg("GET").arg("maxmemory-policy");
-    let policy = match config_value(client.query(&c).await, "maxmemory-policy") {
-        Ok(p) => p,
-        Err(e) if e.is_unavailable() => return Err(e),
-        Err(e) => {
-            tracing::warn!(
-                error = %e,
-                "redis spool: CONFIG GET refused (managed Redis?); cannot check \
-                 maxmemory-policy, reporting durability as volatile"
-            );
-            return Ok(Durability::Volatile);
-        }
-    };
-    if let Some(p) = policy.as_deref() {
-        if !p.eq_ignore_ascii_case("noeviction") {
-            return Err(Error::config(
-                "redis.maxmemory-policy",
-                format!(
-                    "the server's maxmemory-policy is {p}: it may evict spool records; \
-                     the spool needs noeviction (CONFIG SET maxmemory-policy noeviction)"
-                ),
-            ));
-        }
+    if client.maxmemory_policy().await? == crate::Policy::Unknown {
+        // CONFIG refused (the client warned): nothing to read the AOF with.
+        return Ok(Durability::Volatile);
     }
+    client
+        .check_eviction("spool record", OnEvictingPolicy::Refuse)
+        .await?;
     let mut c = cmd("CONFIG");
     c.arg("GET").arg("appendonly");
     let aof = config_value(client.query(&c).await, "appendonly");
@@ -538,7 +534,7 @@ async fn server_durability(client: &RedisClient) -> Result<Durability> {
 }
 
 /// The value of a `CONFIG GET name` reply (RESP2 array or RESP3 map).
-fn config_value(reply: Result<Value>, name: &str) -> Result<Option<String>> {
+pub(crate) fn config_value(reply: Result<Value>, name: &str) -> Result<Option<String>> {
     let reply = reply?;
     let pairs: Vec<(Value, Value)> = match reply {
         Value::Array(items) => {

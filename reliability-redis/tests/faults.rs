@@ -16,11 +16,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::fresh_key_space;
+use reliability_core::config::OnEvictingPolicy;
 use reliability_core::fallback::{Breaker, BreakerConfig, Fallback};
 use reliability_core::status::BreakerState;
 use reliability_core::{
-    system_clock, Claim, Error, Fingerprint, IdempotencyStore, NewRecord, Quota, RateLimiter,
-    RecordId, Spool, SpoolLimits,
+    system_clock, Claim, Fingerprint, IdempotencyStore, NewRecord, Quota, RateLimiter, RecordId,
+    Spool, UnavailableReason,
 };
 use reliability_memory::{LocalRateLimiter, MemoryIdempotencyStore, MemorySpool};
 use reliability_redis::harness::{wait_for, RedisServer, Resp, ServerOptions};
@@ -57,6 +58,27 @@ fn fill_to_oom(server: &RedisServer) {
     }
 }
 
+/// A server with `line` in its configuration, and a client of it.
+async fn server_with(line: &str, prefix: &str) -> (RedisServer, RedisClient) {
+    let server = RedisServer::start_with(ServerOptions::new().config_line(line));
+    let client = RedisClient::connect(&server.config(), fresh_key_space(prefix))
+        .await
+        .expect("connect");
+    (server, client)
+}
+
+/// A claim of `key` is acquired and a check of it allowed.
+async fn acquires_and_allows(store: &impl IdempotencyStore, limiter: &impl RateLimiter, key: &str) {
+    let claim = store
+        .claim(key, &fp(), LEASE)
+        .await
+        .expect("claim answered");
+    assert!(matches!(claim, Claim::Acquired(_)), "{claim:?}");
+    let q = Quota::per_second(100).unwrap();
+    let d = limiter.check(key, q, 1).await.expect("check answered");
+    assert!(d.is_allowed(), "{d:?}");
+}
+
 fn breaker() -> Arc<Breaker> {
     Arc::new(Breaker::new(BreakerConfig::default(), system_clock()))
 }
@@ -91,13 +113,7 @@ async fn oom_is_unavailable_and_answered_locally() {
     let limiter = Fallback::new(limiter, LocalRateLimiter::new(), Arc::clone(&b));
     let local_spool = MemorySpool::builder().build();
     let spool = Fallback::new(spool, local_spool, Arc::clone(&b));
-    let claim = store.claim("k2", &fp(), LEASE).await.expect("answered");
-    assert!(matches!(claim, Claim::Acquired(_)), "{claim:?}");
-    assert!(limiter
-        .check("k2", q, 1)
-        .await
-        .expect("answered")
-        .is_allowed());
+    acquires_and_allows(&store, &limiter, "k2").await;
     spool.enqueue(rec()).await.expect("answered locally");
     assert_eq!(
         b.state(),
@@ -142,4 +158,80 @@ async fn busy_is_unavailable_and_answered_locally() {
         "answered locally: {local:?}"
     );
     assert!(b.status().last_error.is_some(), "the breaker counted it");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn evicting_policy_is_refused_naming_the_policy() {
+    let (server, client) = server_with("maxmemory-policy volatile-lru", "evict").await;
+    let refusing = RedisIdempotencyStore::new(client.clone());
+    let limiter = RedisRateLimiter::new(client.clone());
+    let q = Quota::per_second(100).unwrap();
+
+    let claim = refusing.claim("k", &fp(), LEASE).await;
+    let err = claim.expect_err("a claim on a server that may evict it is refused");
+    assert!(err.to_string().contains("volatile-lru"), "{err}");
+    let check = limiter.check("k", q, 1).await;
+    let err = check.expect_err("a limit a server may evict is refused");
+    assert!(err.to_string().contains("volatile-lru"), "{err}");
+    assert_eq!(
+        err.unavailable_reason(),
+        Some(UnavailableReason::Misconfigured),
+        "a Fallback answers locally: {err:?}"
+    );
+
+    // Accepted explicitly: both work; the spool still refuses.
+    let mut cfg = server.config();
+    cfg.on_evicting_policy = OnEvictingPolicy::Accept;
+    let client = RedisClient::connect(&cfg, fresh_key_space("evict"))
+        .await
+        .expect("connect");
+    let store = RedisIdempotencyStore::new(client.clone());
+    let limiter = RedisRateLimiter::new(client.clone());
+    acquires_and_allows(&store, &limiter, "k").await;
+    let err = RedisSpool::builder(client, "evict")
+        .open()
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("volatile-lru"), "{err}");
+
+    // Fixed by the operator: seen within the recheck period.
+    server.cmd(&["CONFIG", "SET", "maxmemory-policy", "noeviction"]);
+    let _ = wait_for("the fixed policy is seen", Duration::from_secs(10), || {
+        futures_block(refusing.claim("k2", &fp(), LEASE)).ok()
+    });
+}
+
+/// Runs a future to completion from a synchronous closure.
+fn futures_block<F: std::future::Future>(f: F) -> F::Output {
+    tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(f))
+}
+
+/// `CONFIG` commands the server has run so far.
+fn config_calls(server: &RedisServer) -> u64 {
+    server
+        .info_field("commandstats", "cmdstat_config")
+        .and_then(|v| {
+            v.split(',')
+                .find_map(|f| f.strip_prefix("calls=")?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lazy_spool_on_an_evicting_server_answers_locally_without_asking_each_call() {
+    let (server, client) = server_with("maxmemory-policy allkeys-lru", "lazy").await;
+    let primary = RedisSpool::builder(client, "lazy")
+        .open_lazy()
+        .expect("lazy open");
+    let spool = Fallback::new(primary, MemorySpool::builder().build(), breaker());
+    let before = config_calls(&server);
+    for i in 0..20 {
+        let batch = vec![NewRecord::new(RecordId::new(format!("r{i}")).unwrap(), "x")];
+        let got = spool.enqueue(batch).await;
+        assert!(got.is_ok(), "enqueue {i} answered locally: {got:?}");
+    }
+    let asked = config_calls(&server) - before;
+    assert!(asked <= 2, "CONFIG ran {asked} times for 20 enqueues");
+    let stats = spool.stats().await.expect("stats");
+    assert_eq!(stats.depth(), 20, "every record held locally: {stats:?}");
 }
