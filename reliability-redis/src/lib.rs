@@ -16,7 +16,7 @@
 //! | feature | default | what it adds |
 //! |---|---|---|
 //! | `tls` | no | `rediss://` connections (rustls with the ring provider; standalone, Sentinel and Cluster) |
-//! | `test-harness` | no | `harness`: starts `redis-server`, Sentinel sets and clusters on free loopback ports, for tests |
+//! | `test-harness` | no | `harness`: starts `redis-server`, Sentinel sets and clusters on free loopback ports, for tests; `proxy`: a loopback TCP proxy that adds latency, black-holes, resets or stalls connections |
 #![doc(test(attr(deny(warnings))))]
 
 pub mod client;
@@ -30,7 +30,8 @@ mod spool;
 
 #[cfg(feature = "test-harness")]
 pub mod harness;
-
+#[cfg(feature = "test-harness")]
+pub mod proxy;
 
 pub use client::{Mode, RedisClient};
 pub use idempotency::{RedisIdempotencyStore, RedisIdempotencyStoreBuilder};
