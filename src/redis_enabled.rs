@@ -159,11 +159,9 @@ impl RedisParts {
             warn!(error = %e, "redis unreachable at start: starting degraded");
             self.breaker.trip(&e);
         }
-        let probe_task = self.breaker.spawn_probe(
-            probe,
-            config.fallback.probe_interval,
-            config.fallback.deadline,
-        );
+        let probe_task =
+            self.breaker
+                .spawn_probe(probe, config.fallback.probe_interval, probe_budget(config));
         // The status is right from the first read; the bridge keeps it so.
         let now = self.breaker.status();
         status.update(|s| apply_breaker(s, &now, local_spool));
@@ -185,6 +183,17 @@ impl RedisParts {
     pub(crate) async fn failback_now(&self, status: &StatusHub) -> Result<FailbackReport> {
         failback_pass(self.store.as_deref(), self.spool.as_deref(), status).await
     }
+}
+
+/// The time one background probe may take: at least a connect and a
+/// reply, so a probe can bring back a Redis whose connect takes longer than
+/// the callers' deadline (the connect itself runs in the background either
+/// way), and never less than the deadline.
+fn probe_budget(config: &ReliabilityConfig) -> Duration {
+    let deadline = config.fallback.deadline;
+    config.redis.as_ref().map_or(deadline, |r| {
+        deadline.max(r.connect_timeout + r.response_timeout)
+    })
 }
 
 /// A background task of the profile, stopped on drop.

@@ -49,6 +49,9 @@ pub enum Direction {
 struct Faults {
     /// Added to every chunk, each way.
     latency: Duration,
+    /// Nothing passes during this long after a connection opens: a slow
+    /// handshake (TLS, a Sentinel lookup) as the client sees it.
+    connect_delay: Duration,
     /// Bytes read are dropped; nothing is written; nothing is closed.
     black_hole: bool,
     /// Bytes are held (not dropped) until the stall ends.
@@ -137,6 +140,12 @@ impl FaultProxy {
         cfg
     }
 
+    /// Holds the first bytes of every new connection until `delay` after
+    /// it opened (0 removes it): a handshake that slow.
+    pub fn set_connect_delay(&self, delay: Duration) {
+        self.faults.send_modify(|f| f.connect_delay = delay);
+    }
+
     /// Adds `each_way` to every chunk in both directions (0 removes it).
     pub fn set_latency(&self, each_way: Duration) {
         self.faults.send_modify(|f| f.latency = each_way);
@@ -163,7 +172,8 @@ impl FaultProxy {
         self.faults.send_modify(|f| f.resets += 1);
     }
 
-    /// Ends every fault: no latency, no black hole, no stall. Bytes a black
+    /// Ends every fault: no latency, no connect delay, no black hole, no
+    /// stall. Bytes a black
     /// hole dropped stay lost (the connections that lost them are out of
     /// step with the server: a client must replace them).
     pub fn heal(&self) {
@@ -212,10 +222,11 @@ async fn proxy_connection(client: TcpStream, server: TcpStream, faults: watch::R
         let _ = s.set_zero_linger();
     }
     let resets = faults.borrow().resets;
+    let opened = Instant::now();
     let (cr, cw) = client.into_split();
     let (sr, sw) = server.into_split();
-    let up = tokio::spawn(pump(cr, sw, Direction::ToServer, faults.clone()));
-    let down = tokio::spawn(pump(sr, cw, Direction::ToClient, faults.clone()));
+    let up = tokio::spawn(pump(cr, sw, (Direction::ToServer, opened), faults.clone()));
+    let down = tokio::spawn(pump(sr, cw, (Direction::ToClient, opened), faults.clone()));
     let (up_abort, down_abort) = (up.abort_handle(), down.abort_handle());
     let mut watch_reset = faults;
     let reset = async {
@@ -236,12 +247,13 @@ async fn proxy_connection(client: TcpStream, server: TcpStream, faults: watch::R
     }
 }
 
-/// One direction: the reader stamps each chunk with its arrival, the
-/// writer sends it once the latency passed and no stall holds it.
+/// One direction (of a connection opened at `.1`): the reader stamps each
+/// chunk with its arrival, the writer sends it once the latency (and the
+/// connect delay) passed and no stall holds it.
 async fn pump(
     mut from: OwnedReadHalf,
     to: OwnedWriteHalf,
-    dir: Direction,
+    dir: (Direction, Instant),
     faults: watch::Receiver<Faults>,
 ) {
     let (tx, rx) = mpsc::unbounded_channel::<(Instant, Vec<u8>)>();
@@ -269,7 +281,7 @@ async fn pump(
 async fn write_side(
     mut to: OwnedWriteHalf,
     mut rx: mpsc::UnboundedReceiver<(Instant, Vec<u8>)>,
-    dir: Direction,
+    (dir, opened): (Direction, Instant),
     mut faults: watch::Receiver<Faults>,
 ) {
     while let Some((arrived, chunk)) = rx.recv().await {
@@ -279,7 +291,7 @@ async fn write_side(
                 // Dropped: a black hole swallows what was in flight too.
                 break;
             }
-            let due = arrived + f.latency;
+            let due = (arrived + f.latency).max(opened + f.connect_delay);
             if f.stalled(dir) || Instant::now() < due {
                 let wait = if f.stalled(dir) {
                     Duration::from_secs(3600)
