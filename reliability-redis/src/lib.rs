@@ -37,4 +37,6 @@ pub use client::{Mode, RedisClient};
 pub use idempotency::{RedisIdempotencyStore, RedisIdempotencyStoreBuilder};
 pub use policy::Policy;
 pub use rate_limit::{RedisRateLimiter, RedisRateLimiterBuilder};
-pub use spool::{RedisSpool, RedisSpoolBuilder};
+pub use spool::{
+    call_weight, RedisSpool, RedisSpoolBuilder, DEFAULT_MAX_CALL_BYTES, RECORD_CALL_OVERHEAD,
+};

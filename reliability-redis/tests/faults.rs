@@ -20,12 +20,15 @@ use reliability_core::config::OnEvictingPolicy;
 use reliability_core::fallback::{Breaker, BreakerConfig, Fallback};
 use reliability_core::status::BreakerState;
 use reliability_core::{
-    system_clock, Claim, Fingerprint, IdempotencyStore, NewRecord, Quota, RateLimiter, RecordId,
-    Spool, UnavailableReason,
+    system_clock, Claim, Error, Fingerprint, IdempotencyStore, NewRecord, Quota, RateLimiter,
+    RecordId, Spool, SpoolLimits, UnavailableReason,
 };
 use reliability_memory::{LocalRateLimiter, MemoryIdempotencyStore, MemorySpool};
 use reliability_redis::harness::{wait_for, RedisServer, Resp, ServerOptions};
-use reliability_redis::{RedisClient, RedisIdempotencyStore, RedisRateLimiter, RedisSpool};
+use reliability_redis::{
+    RedisClient, RedisIdempotencyStore, RedisRateLimiter, RedisSpool, DEFAULT_MAX_CALL_BYTES,
+    RECORD_CALL_OVERHEAD,
+};
 
 const LEASE: Duration = Duration::from_secs(30);
 
@@ -234,4 +237,61 @@ async fn lazy_spool_on_an_evicting_server_answers_locally_without_asking_each_ca
     assert!(asked <= 2, "CONFIG ran {asked} times for 20 enqueues");
     let stats = spool.stats().await.expect("stats");
     assert_eq!(stats.depth(), 20, "every record held locally: {stats:?}");
+}
+
+/// `n` records with ids `{prefix}{i}` and 16-byte payloads.
+fn records(prefix: &str, n: usize) -> Vec<NewRecord> {
+    (0..n)
+        .map(|i| {
+            NewRecord::new(
+                RecordId::new(format!("{prefix}{i}")).unwrap(),
+                "0123456789abcdef",
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_is_never_reported_failed_yet_stored() {
+    let server = RedisServer::start();
+    let client = RedisClient::connect(&server.config(), fresh_key_space("big"))
+        .await
+        .expect("connect");
+    let limits = SpoolLimits::default().with_max_records(1_000_000);
+    let spool = RedisSpool::builder(client, "big")
+        .limits(limits)
+        .open()
+        .await
+        .expect("open");
+    let n = 100_000;
+    let t = std::time::Instant::now();
+    let got = spool.enqueue(records("r", n)).await;
+    let took = t.elapsed();
+    // Whatever the server still runs, it has finished once stats answer.
+    let stats = wait_for("stats answer", Duration::from_secs(30), || {
+        futures_block(spool.stats()).ok()
+    });
+    println!(
+        "faults: enqueue of {n} records: {took:?}, {got:?}, depth {}",
+        stats.depth()
+    );
+    match got {
+        Ok(e) => assert_eq!((e.accepted, stats.depth()), (n, n as u64)),
+        Err(e) => {
+            assert_eq!(stats.depth(), 0, "reported failed ({e}), yet stored");
+            assert!(matches!(e, Error::TooLarge { what: "batch", .. }), "{e:?}");
+        }
+    }
+    // A batch at the bound is one call, and fits a deadline.
+    let fits = DEFAULT_MAX_CALL_BYTES / (RECORD_CALL_OVERHEAD + 16 + 6);
+    let t = std::time::Instant::now();
+    let e = spool
+        .enqueue(records("f", fits))
+        .await
+        .expect("a batch at the bound");
+    assert_eq!(e.accepted, fits);
+    println!(
+        "faults: enqueue of {fits} records (the bound): {:?}",
+        t.elapsed()
+    );
 }
