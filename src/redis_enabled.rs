@@ -158,9 +158,19 @@ impl RedisParts {
                 after: self.deadline,
             }),
         };
-        if let Err(e) = first {
-            warn!(error = %e, "redis unreachable at start: starting degraded");
-            self.breaker.trip(&e);
+        match first {
+            Err(e) => {
+                warn!(error = %e, "redis unreachable at start: starting degraded");
+                self.breaker.trip(&e);
+            }
+            Ok(()) => {
+                if let Some(spool) = &self.spool {
+                    // The spool's server checks take round trips: run them
+                    // now, not in the first callers' deadline.
+                    let primary = spool.get_ref().0.clone();
+                    tokio::spawn(async move { primary.check_server().await });
+                }
+            }
         }
         let probe_task =
             self.breaker

@@ -33,7 +33,8 @@
 //!   it: it completes (or fails) within `connectTimeout` even when every
 //!   caller waiting for it gave up, so a connect slower than the callers'
 //!   deadline (TLS, Sentinel) still ends with a connection.
-//! - **A call dropped before its reply drops its connection**: the shared
+//! - **A call dropped before its reply drops its connection**, unless that
+//!   connection answered another call meanwhile (slow, not dead): the shared
 //!   connection it ran on is replaced on the next call (as after an error).
 //!   A black-holed connection (no FIN, no RST: nothing comes back, ever)
 //!   would otherwise be kept until the kernel gives up, minutes later.
@@ -145,6 +146,15 @@ struct Inner {
     response_timeout: Duration,
     /// Set by the Sentinel watcher while a failover is in progress.
     failover: AtomicBool,
+    /// When a reply last came (µs since `epoch`), and on which shared
+    /// connection: a call dropped at its caller's deadline keeps a
+    /// connection that answered meanwhile (slow, not dead).
+    epoch: std::time::Instant,
+    reply_at: AtomicU64,
+    reply_generation: AtomicU64,
+    /// The backends' scripts, loaded on every new connection (see
+    /// [`RedisClient::preload`]).
+    scripts: std::sync::Mutex<Vec<Script>>,
     /// The server's `maxmemory-policy`, cached (see `policy.rs`).
     policy: crate::policy::PolicyCache,
     on_evicting_policy: OnEvictingPolicy,
@@ -238,6 +248,10 @@ impl RedisClient {
             connect_timeout: cfg.connect_timeout,
             response_timeout: cfg.response_timeout,
             failover: AtomicBool::new(false),
+            epoch: std::time::Instant::now(),
+            reply_at: AtomicU64::new(0),
+            reply_generation: AtomicU64::new(0),
+            scripts: std::sync::Mutex::default(),
             policy: crate::policy::PolicyCache::default(),
             on_evicting_policy: cfg.on_evicting_policy,
         });
@@ -308,6 +322,37 @@ impl RedisClient {
 
     pub(crate) fn policy_cache(&self) -> &crate::policy::PolicyCache {
         &self.inner.policy
+    }
+
+    /// Registers scripts to load (`SCRIPT LOAD`) on every new connection,
+    /// in the background connect, and now on the open one. Otherwise the
+    /// first call of each script pays `NOSCRIPT` and a load: three round
+    /// trips, which a slow link (80 ms each way) turns into more than a
+    /// caller's deadline. The backends register theirs when built.
+    pub fn preload(&self, scripts: &[&Script]) {
+        let added: Vec<Script> = {
+            let mut known = self.inner.scripts.lock().unwrap_or_else(|p| p.into_inner());
+            let mut added = Vec::new();
+            for s in scripts {
+                if !known.iter().any(|k| k.get_hash() == s.get_hash()) {
+                    known.push((*s).clone());
+                    added.push((*s).clone());
+                }
+            }
+            added
+        };
+        let open = self.inner.current();
+        if let (Some(shared), false, Ok(rt)) = (
+            open,
+            added.is_empty(),
+            tokio::runtime::Handle::try_current(),
+        ) {
+            rt.spawn(load_scripts(
+                shared.conn,
+                added,
+                self.inner.response_timeout,
+            ));
+        }
     }
 
     /// The bound of one command (the configured response timeout).
@@ -617,9 +662,15 @@ impl RedisClient {
     ) -> Result<T> {
         let after = self.inner.response_timeout;
         match tokio::time::timeout(after, fut).await {
-            Ok(Ok(v)) => Ok(v),
+            Ok(Ok(v)) => {
+                self.inner.replied(generation);
+                Ok(v)
+            }
             Ok(Err(e)) => {
                 let (err, disposition) = error::map(&e, context);
+                if disposition == Disposition::Keep {
+                    self.inner.replied(generation);
+                }
                 Err(self.dispose(err, disposition, generation))
             }
             Err(_) => {
@@ -656,6 +707,26 @@ impl Inner {
             }
         }
         err
+    }
+
+    /// µs since `epoch`.
+    fn now_us(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_micros()).unwrap_or(u64::MAX)
+    }
+
+    /// A reply came on shared connection `generation` (none: a pooled one).
+    fn replied(&self, generation: Option<u64>) {
+        if let Some(g) = generation {
+            self.reply_generation.store(g, Ordering::Relaxed);
+            self.reply_at.store(self.now_us(), Ordering::Relaxed);
+        }
+    }
+
+    /// Whether shared connection `generation` answered a call since `since`
+    /// (µs since `epoch`).
+    fn answered_since(&self, generation: u64, since: u64) -> bool {
+        self.reply_generation.load(Ordering::Relaxed) == generation
+            && self.reply_at.load(Ordering::Relaxed) >= since
     }
 
     fn current(&self) -> Option<Shared> {
@@ -771,6 +842,12 @@ async fn connect(inner: Arc<Inner>) {
     .await;
     let failure = match created {
         Ok(Ok(conn)) => {
+            let scripts = inner
+                .scripts
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone();
+            load_scripts(conn.clone(), scripts, inner.connect_timeout).await;
             let shared = Shared {
                 generation: inner.generation.fetch_add(1, Ordering::AcqRel) + 1,
                 conn,
@@ -797,14 +874,36 @@ async fn connect(inner: Arc<Inner>) {
     });
 }
 
+/// Loads `scripts` on `conn` (pipelined: one round trip), within `bound`.
+/// Best effort: a script that is not loaded is loaded on its first call.
+/// Not on a cluster connection (each node holds its own scripts, and the
+/// cluster client loads them on `NOSCRIPT`).
+async fn load_scripts(conn: Conn, scripts: Vec<Script>, bound: Duration) {
+    if scripts.is_empty() || matches!(conn, Conn::Cluster(_)) {
+        return;
+    }
+    let mut loads = tokio::task::JoinSet::new();
+    for script in scripts {
+        let mut conn = conn.clone();
+        loads.spawn(async move { script.load_async(&mut conn).await });
+    }
+    let all = async { while loads.join_next().await.is_some() {} };
+    if tokio::time::timeout(bound, all).await.is_err() {
+        tracing::debug!("redis: loading the scripts on a new connection timed out");
+    }
+}
+
 /// A call on shared connection `generation` (`None`: on a pooled one):
 /// dropped before [`done`] (its caller's deadline passed), it drops that
-/// connection, which may never answer again (see the module docs).
+/// connection, which may never answer again (see the module docs), unless
+/// the connection answered another call meanwhile: a slow link is not a
+/// dead one, and replacing it would only add a connect to the next calls.
 ///
 /// [`done`]: InFlight::done
 struct InFlight<'a> {
     inner: &'a Inner,
     generation: Option<u64>,
+    started_us: u64,
     finished: bool,
 }
 
@@ -813,6 +912,7 @@ impl<'a> InFlight<'a> {
         Self {
             inner,
             generation: Some(generation),
+            started_us: inner.now_us(),
             finished: false,
         }
     }
@@ -823,6 +923,7 @@ impl<'a> InFlight<'a> {
         Self {
             inner,
             generation: None,
+            started_us: 0,
             finished: false,
         }
     }
@@ -839,6 +940,7 @@ impl Drop for InFlight<'_> {
             return;
         }
         let dropped = match self.generation {
+            Some(g) if self.inner.answered_since(g, self.started_us) => false,
             Some(g) => self.inner.drop_shared(Some(g)),
             None => !self.inner.pool.retain(|_, _| false).removed.is_empty(),
         };

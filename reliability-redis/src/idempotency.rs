@@ -232,9 +232,16 @@ impl RedisIdempotencyStoreBuilder {
         let clock_override = self
             .clock_override
             .or_else(|| self.client.clock_override().cloned());
+        let scripts = Scripts::new();
+        self.client.preload(&[
+            &scripts.claim,
+            &scripts.complete,
+            &scripts.release,
+            &scripts.extend,
+        ]);
         RedisIdempotencyStore {
             client: self.client,
-            scripts: Scripts::new(),
+            scripts,
             max_result_bytes: self.max_result_bytes,
             clock_override,
         }

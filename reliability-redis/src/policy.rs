@@ -31,8 +31,8 @@ pub(crate) const RECHECK: Duration = Duration::from_secs(5);
 #[derive(Debug, Default)]
 pub(crate) struct PolicyCache {
     last: RwLock<Option<(Instant, Policy)>>,
-    /// Held by the one caller that reads the policy.
-    reading: tokio::sync::Mutex<()>,
+    /// Held by the one task that reads the policy.
+    reading: Arc<tokio::sync::Mutex<()>>,
 }
 
 /// The server's `maxmemory-policy`, as far as it could be read.
@@ -74,7 +74,10 @@ impl PolicyCache {
 
 impl RedisClient {
     /// The server's `maxmemory-policy`, read at most once per [`RECHECK`]:
-    /// while one caller reads it, the others use the last value read.
+    /// while it is read again, callers get the last value read. The read
+    /// runs in a task of its own, so a caller dropped at its deadline does
+    /// not take it along (on a slow link, a read and a call together may
+    /// outlast the deadline; the read still lands for the next calls).
     ///
     /// # Errors
     /// Unavailable errors when the server cannot be asked.
@@ -83,14 +86,44 @@ impl RedisClient {
         if let Some(p) = cache.fresh() {
             return Ok(p);
         }
-        let _turn = match (cache.stale(), cache.reading.try_lock()) {
-            (_, Ok(turn)) => turn,
-            (Some(stale), Err(_)) => return Ok(stale),
-            (None, Err(_)) => cache.reading.lock().await,
+        let stale = cache.stale();
+        let read = match Arc::clone(&cache.reading).try_lock_owned() {
+            Ok(turn) => {
+                let client = self.clone();
+                Some(tokio::spawn(async move {
+                    let policy = client.read_policy().await;
+                    drop(turn);
+                    policy
+                }))
+            }
+            Err(_) => None,
         };
-        if let Some(p) = cache.fresh() {
-            return Ok(p);
+        match (stale, read) {
+            (Some(p), _) => Ok(p),
+            (None, Some(read)) => read.await.unwrap_or_else(|e| {
+                Err(Error::unavailable(
+                    BACKEND,
+                    UnavailableReason::Other,
+                    format!("reading maxmemory-policy: {e}"),
+                ))
+            }),
+            (None, None) => {
+                // Another caller's read is running: wait for it.
+                let _turn = cache.reading.lock().await;
+                cache.fresh().ok_or_else(|| {
+                    Error::unavailable(
+                        BACKEND,
+                        UnavailableReason::Other,
+                        "maxmemory-policy could not be read yet",
+                    )
+                })
+            }
         }
+    }
+
+    /// `CONFIG GET maxmemory-policy`, stored in the cache.
+    async fn read_policy(&self) -> Result<Policy> {
+        let cache = self.policy_cache();
         let mut c = cmd("CONFIG");
         c.arg("GET").arg("maxmemory-policy");
         let policy = match crate::spool::config_value(self.query(&c).await, "maxmemory-policy") {

@@ -125,9 +125,11 @@ impl RedisRateLimiterBuilder {
         let clock_override = self
             .clock_override
             .or_else(|| self.client.clock_override().cloned());
+        let script = Script::new(&format!("{LUA_NOW}{GCRA}"));
+        self.client.preload(&[&script]);
         RedisRateLimiter {
             client: self.client,
-            script: Script::new(&format!("{LUA_NOW}{GCRA}")),
+            script,
             clock_override,
         }
     }

@@ -283,6 +283,23 @@ struct Scripts {
     stats: Script,
 }
 
+impl Scripts {
+    fn all(&self) -> [&Script; 10] {
+        [
+            &self.enqueue,
+            &self.lease,
+            &self.ack,
+            &self.nack,
+            &self.extend,
+            &self.dead_letter,
+            &self.list_dead,
+            &self.redrive_dead,
+            &self.purge_dead,
+            &self.stats,
+        ]
+    }
+}
+
 static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| {
     let s = |body: &str| Script::new(&format!("{PRELUDE}{body}"));
     Scripts {
@@ -510,6 +527,7 @@ impl RedisSpoolBuilder {
                 "the spool cannot WAIT for replicas in a Cluster (the client does not offer it)",
             ));
         }
+        self.client.preload(&SCRIPTS.all());
         let key_space = KeySpace::new(self.client.key_space().prefix(), &self.namespace)?;
         let base = key_space.base(Primitive::Spool);
         let tagged = format!("{{{base}}}");
@@ -685,6 +703,18 @@ impl RedisSpool {
         self.limits
     }
 
+    /// Runs the server checks of [`RedisSpoolBuilder::open`] now, if they
+    /// have not passed yet (a lazily opened spool runs them on its first
+    /// call otherwise), and returns the server's own durability.
+    ///
+    /// # Errors
+    /// As the first call of a lazily opened spool: unavailable errors, and
+    /// unavailable ([`UnavailableReason::Misconfigured`]) for an evicting
+    /// `maxmemory-policy`.
+    pub async fn check_server(&self) -> Result<Durability> {
+        self.checked().await
+    }
+
     /// The most one enqueue carries (see
     /// [`RedisSpoolBuilder::max_call_bytes`]).
     pub fn max_call_bytes(&self) -> usize {
@@ -707,12 +737,27 @@ impl RedisSpool {
     }
 
     /// Runs the open checks once (eviction policy, AOF settings); a failed
-    /// check runs again on the next call.
+    /// check runs again on the next call. They run in a task of their own:
+    /// they take round trips, and a caller dropped at its deadline must not
+    /// take them along (on a slow link they would never complete).
     async fn checked(&self) -> Result<Durability> {
-        self.checked
-            .get_or_try_init(|| server_durability(&self.client))
-            .await
-            .copied()
+        if let Some(d) = self.checked.get() {
+            return Ok(*d);
+        }
+        let cell = Arc::clone(&self.checked);
+        let client = self.client.clone();
+        let check = tokio::spawn(async move {
+            cell.get_or_try_init(|| server_durability(&client))
+                .await
+                .copied()
+        });
+        check.await.unwrap_or_else(|e| {
+            Err(Error::unavailable(
+                BACKEND,
+                UnavailableReason::Other,
+                format!("spool server checks: {e}"),
+            ))
+        })
     }
 
     /// `{prefix}:spool:{namespace}`: the hash tag of every key of this spool.
@@ -1104,22 +1149,11 @@ mod tests {
 
     #[test]
     fn every_script_compiles_to_a_distinct_sha() {
-        let s = &*SCRIPTS;
-        let shas: std::collections::HashSet<_> = [
-            &s.enqueue,
-            &s.lease,
-            &s.ack,
-            &s.nack,
-            &s.extend,
-            &s.dead_letter,
-            &s.list_dead,
-            &s.redrive_dead,
-            &s.purge_dead,
-            &s.stats,
-        ]
-        .iter()
-        .map(|s| s.get_hash().to_string())
-        .collect();
+        let shas: std::collections::HashSet<_> = SCRIPTS
+            .all()
+            .iter()
+            .map(|s| s.get_hash().to_string())
+            .collect();
         assert_eq!(shas.len(), 10);
     }
 }

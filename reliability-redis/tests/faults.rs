@@ -45,22 +45,6 @@ fn small_server() -> RedisServer {
     )
 }
 
-/// Writes filler keys until the server refuses even a small write with
-/// `OOM` (a big value's own query buffer counts while it is refused).
-fn fill_to_oom(server: &RedisServer) {
-    for (size, what) in [(16 * 1024, "big"), (64, "small")] {
-        let value = "f".repeat(size);
-        let refused = (0..200_000).any(|i| {
-            match server.cmd(&["SET", &format!("filler:{what}:{i}"), &value]) {
-                Resp::Error(e) if e.starts_with("OOM") => true,
-                Resp::Error(e) => panic!("filling: {e}"),
-                _ => false,
-            }
-        });
-        assert!(refused, "the server never reported OOM");
-    }
-}
-
 /// A server with `line` in its configuration, and a client of it.
 async fn server_with(line: &str, prefix: &str) -> (RedisServer, RedisClient) {
     let server = RedisServer::start_with(ServerOptions::new().config_line(line));
@@ -99,7 +83,7 @@ async fn oom_is_unavailable_and_answered_locally() {
         .await
         .expect("open");
     let q = Quota::per_second(100).unwrap();
-    fill_to_oom(&server);
+    server.fill_to_oom();
 
     // Each backend on its own: unavailable, not a caller error.
     let err = store.claim("k", &fp(), LEASE).await.unwrap_err();
