@@ -73,7 +73,7 @@ impl PolicyCache {
 }
 
 impl RedisClient {
-    /// The server's `maxmemory-policy`, read at most once per [`RECHECK`]:
+    /// The server's `maxmemory-policy`, read at most once per 5 s:
     /// while it is read again, callers get the last value read. The read
     /// runs in a task of its own, so a caller dropped at its deadline does
     /// not take it along (on a slow link, a read and a call together may

@@ -9,6 +9,7 @@
 //!   error naming the policy, unless it was explicitly accepted.
 //! - A spool batch larger than one script call may carry is refused
 //!   (`TooLarge`) before anything is sent: never "failed" yet stored.
+#![allow(clippy::print_stdout)] // the batch case reports its figures
 
 mod common;
 
