@@ -146,11 +146,10 @@ struct Inner {
     response_timeout: Duration,
     /// Set by the Sentinel watcher while a failover is in progress.
     failover: AtomicBool,
-    /// When a reply last came (µs since `epoch`), and on which shared
-    /// connection: a call dropped at its caller's deadline keeps a
-    /// connection that answered meanwhile (slow, not dead).
-    epoch: std::time::Instant,
-    reply_at: AtomicU64,
+    /// Replies counted so far, and the shared connection of the last one:
+    /// a call dropped at its caller's deadline keeps a connection that
+    /// answered meanwhile (slow, not dead).
+    replies: AtomicU64,
     reply_generation: AtomicU64,
     /// The backends' scripts, loaded on every new connection (see
     /// [`RedisClient::preload`]).
@@ -248,8 +247,7 @@ impl RedisClient {
             connect_timeout: cfg.connect_timeout,
             response_timeout: cfg.response_timeout,
             failover: AtomicBool::new(false),
-            epoch: std::time::Instant::now(),
-            reply_at: AtomicU64::new(0),
+            replies: AtomicU64::new(0),
             reply_generation: AtomicU64::new(0),
             scripts: std::sync::Mutex::default(),
             policy: crate::policy::PolicyCache::default(),
@@ -709,24 +707,19 @@ impl Inner {
         err
     }
 
-    /// µs since `epoch`.
-    fn now_us(&self) -> u64 {
-        u64::try_from(self.epoch.elapsed().as_micros()).unwrap_or(u64::MAX)
-    }
-
     /// A reply came on shared connection `generation` (none: a pooled one).
     fn replied(&self, generation: Option<u64>) {
         if let Some(g) = generation {
             self.reply_generation.store(g, Ordering::Relaxed);
-            self.reply_at.store(self.now_us(), Ordering::Relaxed);
+            self.replies.fetch_add(1, Ordering::Relaxed);
         }
     }
 
-    /// Whether shared connection `generation` answered a call since `since`
-    /// (µs since `epoch`).
-    fn answered_since(&self, generation: u64, since: u64) -> bool {
+    /// Whether shared connection `generation` answered a call after the
+    /// reply count was `seen`.
+    fn answered_since(&self, generation: u64, seen: u64) -> bool {
         self.reply_generation.load(Ordering::Relaxed) == generation
-            && self.reply_at.load(Ordering::Relaxed) >= since
+            && self.replies.load(Ordering::Relaxed) > seen
     }
 
     fn current(&self) -> Option<Shared> {
@@ -903,7 +896,8 @@ async fn load_scripts(conn: Conn, scripts: Vec<Script>, bound: Duration) {
 struct InFlight<'a> {
     inner: &'a Inner,
     generation: Option<u64>,
-    started_us: u64,
+    /// The reply count when the call started.
+    replies: u64,
     finished: bool,
 }
 
@@ -912,7 +906,7 @@ impl<'a> InFlight<'a> {
         Self {
             inner,
             generation: Some(generation),
-            started_us: inner.now_us(),
+            replies: inner.replies.load(Ordering::Relaxed),
             finished: false,
         }
     }
@@ -923,7 +917,7 @@ impl<'a> InFlight<'a> {
         Self {
             inner,
             generation: None,
-            started_us: 0,
+            replies: 0,
             finished: false,
         }
     }
@@ -940,7 +934,7 @@ impl Drop for InFlight<'_> {
             return;
         }
         let dropped = match self.generation {
-            Some(g) if self.inner.answered_since(g, self.started_us) => false,
+            Some(g) if self.inner.answered_since(g, self.replies) => false,
             Some(g) => self.inner.drop_shared(Some(g)),
             None => !self.inner.pool.retain(|_, _| false).removed.is_empty(),
         };
