@@ -119,3 +119,25 @@ async fn an_accepted_evicting_policy_is_used_and_shown() {
         "the claim was made on Redis"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_acl_refusal_is_an_alert_not_an_outage() {
+    // A user the server knows, refused the commands the probe sends.
+    let server = RedisServer::start_with(
+        ServerOptions::new().config_line("user limited on >limited-pw ~* &* +@all -ping -role"),
+    );
+    let mut cfg = config(&server);
+    if let Some(r) = cfg.redis.as_mut() {
+        r.username = Some("limited".into());
+        r.password = Some(Secret::new("limited-pw"));
+    }
+    let r = Reliability::from_config(&cfg)
+        .await
+        .expect("starts degraded");
+    claims_are_answered(&r).await;
+    let alert = wait_alert(&r).await;
+    assert!(
+        alert.as_deref().is_some_and(|a| a.contains("ACL refusal")),
+        "alert: {alert:?}"
+    );
+}
