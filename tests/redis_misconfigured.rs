@@ -51,18 +51,28 @@ async fn claims_are_answered(r: &Reliability) {
     assert!(matches!(claim, Ok(Claim::Acquired(_))), "{claim:?}");
 }
 
+/// The profile on `server` as `user` / `password`: it answers claims (from
+/// wherever), and the alert it shows.
+async fn started_as(
+    server: &RedisServer,
+    user: Option<&str>,
+    password: &str,
+) -> (Reliability, Option<String>) {
+    let mut cfg = config(server);
+    if let Some(r) = cfg.redis.as_mut() {
+        r.username = user.map(str::to_string);
+        r.password = Some(Secret::new(password));
+    }
+    let r = Reliability::from_config(&cfg).await.expect("starts");
+    claims_are_answered(&r).await;
+    let alert = wait_alert(&r).await;
+    (r, alert)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wrong_password_is_an_alert_not_an_outage() {
     let server = RedisServer::start_with(ServerOptions::new().password("the-right-one"));
-    let mut cfg = config(&server);
-    if let Some(r) = cfg.redis.as_mut() {
-        r.password = Some(Secret::new("a-wrong-one"));
-    }
-    let r = Reliability::from_config(&cfg)
-        .await
-        .expect("starts degraded");
-    claims_are_answered(&r).await;
-    let alert = wait_alert(&r).await;
+    let (r, alert) = started_as(&server, None, "a-wrong-one").await;
     assert!(
         alert
             .as_deref()
@@ -126,16 +136,7 @@ async fn an_acl_refusal_is_an_alert_not_an_outage() {
     let server = RedisServer::start_with(
         ServerOptions::new().config_line("user limited on >limited-pw ~* &* +@all -ping -role"),
     );
-    let mut cfg = config(&server);
-    if let Some(r) = cfg.redis.as_mut() {
-        r.username = Some("limited".into());
-        r.password = Some(Secret::new("limited-pw"));
-    }
-    let r = Reliability::from_config(&cfg)
-        .await
-        .expect("starts degraded");
-    claims_are_answered(&r).await;
-    let alert = wait_alert(&r).await;
+    let (_r, alert) = started_as(&server, Some("limited"), "limited-pw").await;
     assert!(
         alert.as_deref().is_some_and(|a| a.contains("ACL refusal")),
         "alert: {alert:?}"
