@@ -5,8 +5,10 @@
 //! Background tasks, stopped when the last clone of the
 //! [`Reliability`](crate::Reliability) is dropped:
 //!
-//! - the breaker's probe (`PING`, plus `ROLE` behind Sentinel) every
-//!   `fallback.probeInterval`, so detection needs no traffic;
+//! - the breaker's probe (`PING`, plus `ROLE` behind Sentinel, then the
+//!   server's `maxmemory-policy`) every `fallback.probeInterval`, so
+//!   detection needs no traffic; a misconfiguration it finds (a refused
+//!   password or ACL, an evicting policy) is the status's `redis.alert`;
 //! - the status bridge: every breaker transition lands in the
 //!   [`StatusHub`];
 //! - failback: whenever the breaker closes, and every second while it stays
@@ -17,13 +19,14 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use reliability_core::config::{ReliabilityConfig, SpoolBackend};
+use async_trait::async_trait;
+use reliability_core::config::{OnEvictingPolicy, ReliabilityConfig, SpoolBackend};
 use reliability_core::fallback::{
     apply_breaker, spawn_status_bridge, Breaker, BreakerConfig, DrainReport, Fallback, Probe,
     ProbeTask, RateLimitPolicy, ReconcileReport,
 };
-use reliability_core::status::{BreakerState, StatusHub};
-use reliability_core::{Error, KeySpace, Result, SharedClock, Spool};
+use reliability_core::status::{BreakerState, Redacted, StatusHub};
+use reliability_core::{Error, KeySpace, Result, SharedClock, Spool, UnavailableReason};
 use reliability_memory::{LocalRateLimiter, MemoryIdempotencyStore};
 use reliability_redis::{RedisClient, RedisIdempotencyStore, RedisRateLimiter, RedisSpool};
 use tokio::task::JoinHandle;
@@ -147,7 +150,7 @@ impl RedisParts {
         status: &StatusHub,
         local_spool: SpoolBackend,
     ) -> Vec<Background> {
-        let probe: Arc<dyn Probe> = Arc::new(self.client.clone());
+        let probe: Arc<dyn Probe> = Arc::new(CheckedProbe::new(config, &self.client, status));
         let first = match tokio::time::timeout(self.deadline, probe.probe()).await {
             Ok(r) => r,
             Err(_) => Err(Error::Timeout {
@@ -155,15 +158,23 @@ impl RedisParts {
                 after: self.deadline,
             }),
         };
-        if let Err(e) = first {
-            warn!(error = %e, "redis unreachable at start: starting degraded");
-            self.breaker.trip(&e);
+        match first {
+            Err(e) => {
+                warn!(error = %e, "redis unreachable at start: starting degraded");
+                self.breaker.trip(&e);
+            }
+            Ok(()) => {
+                if let Some(spool) = &self.spool {
+                    // The spool's server checks take round trips: run them
+                    // now, not in the first callers' deadline.
+                    let primary = spool.get_ref().0.clone();
+                    tokio::spawn(async move { primary.check_server().await });
+                }
+            }
         }
-        let probe_task = self.breaker.spawn_probe(
-            probe,
-            config.fallback.probe_interval,
-            config.fallback.deadline,
-        );
+        let probe_task =
+            self.breaker
+                .spawn_probe(probe, config.fallback.probe_interval, probe_budget(config));
         // The status is right from the first read; the bridge keeps it so.
         let now = self.breaker.status();
         status.update(|s| apply_breaker(s, &now, local_spool));
@@ -185,6 +196,83 @@ impl RedisParts {
     pub(crate) async fn failback_now(&self, status: &StatusHub) -> Result<FailbackReport> {
         failback_pass(self.store.as_deref(), self.spool.as_deref(), status).await
     }
+}
+
+/// The breaker's probe: the client's own (`PING`, and `ROLE` behind
+/// Sentinel), then the server's `maxmemory-policy` (cached by the client).
+/// What it finds misconfigured (a refused password or ACL, an evicting
+/// policy refused or accepted) goes to the status's `redis.alert`, so it
+/// reads differently from an outage; a refusal also keeps the breaker
+/// open, so the local side answers.
+#[derive(Debug)]
+struct CheckedProbe {
+    client: RedisClient,
+    /// Refuse when the spool is on Redis: it never accepts eviction.
+    on_evicting: OnEvictingPolicy,
+    status: StatusHub,
+}
+
+impl CheckedProbe {
+    fn new(config: &ReliabilityConfig, client: &RedisClient, status: &StatusHub) -> Self {
+        let on_evicting = if config.spool_backend() == SpoolBackend::Redis {
+            OnEvictingPolicy::Refuse
+        } else {
+            client.on_evicting_policy()
+        };
+        Self {
+            client: client.clone(),
+            on_evicting,
+            status: status.clone(),
+        }
+    }
+
+    /// The alert of an evicting policy the configuration accepted.
+    async fn accepted_policy(&self) -> Option<String> {
+        let policy = self.client.maxmemory_policy().await.ok()?;
+        let p = policy.evicting()?;
+        Some(format!(
+            "the server's maxmemory-policy is {p}, accepted by \
+             reliability.redis.onEvictingPolicy: accept: idempotency claims and rate limits \
+             may be evicted (a claim evicted is acquired again)"
+        ))
+    }
+}
+
+#[async_trait]
+impl Probe for CheckedProbe {
+    async fn probe(&self) -> Result<()> {
+        let outcome = match Probe::probe(&self.client).await {
+            Ok(()) => {
+                let what = "idempotency, rate limit and spool";
+                self.client.check_eviction(what, self.on_evicting).await
+            }
+            Err(e) => Err(e),
+        };
+        let alert = match &outcome {
+            Ok(()) => self.accepted_policy().await,
+            // Redis answered, and refused: a deployment error.
+            Err(e) if !e.is_unavailable() => Some(e.to_string()),
+            Err(e) if e.unavailable_reason() == Some(UnavailableReason::Misconfigured) => {
+                Some(e.to_string())
+            }
+            // An outage says nothing about the configuration.
+            Err(_) => return outcome,
+        };
+        self.status
+            .update(|s| s.redis.alert = alert.as_deref().map(Redacted::new));
+        outcome
+    }
+}
+
+/// The time one background probe may take: at least a connect and a
+/// reply, so a probe can bring back a Redis whose connect takes longer than
+/// the callers' deadline (the connect itself runs in the background either
+/// way), and never less than the deadline.
+fn probe_budget(config: &ReliabilityConfig) -> Duration {
+    let deadline = config.fallback.deadline;
+    config.redis.as_ref().map_or(deadline, |r| {
+        deadline.max(r.connect_timeout + r.response_timeout)
+    })
 }
 
 /// A background task of the profile, stopped on drop.

@@ -27,6 +27,11 @@ enum Want {
 /// nothing connects to this address.
 const REDIS: &str = "profile: redis-enabled\n  redis: { url: redis://127.0.0.1:9 }";
 
+/// A redis-enabled profile whose spool enqueues wait up to 1 s for one
+/// replica.
+const REDIS_WAIT: &str = "profile: redis-enabled\n  redis: { url: redis://127.0.0.1:9, \
+                          spoolWaitReplicas: 1, spoolWaitTimeout: 1s }";
+
 /// Loads `yaml` and, if that succeeds, builds it: the error of the first
 /// step that fails.
 #[cfg(feature = "memory")]
@@ -173,6 +178,12 @@ async fn invalid_configurations_name_the_field() {
         ("retry: { jitter: -0.1 }".into(), Config("reliability.retry.jitter")),
         // Fallback.
         ("fallback: { deadline: 0ms }".into(), Config("reliability.fallback.deadline")),
+        // A WAIT (default 1 s) longer than the deadline (250 ms): every
+        // enqueue behind one lagging replica would time out and land twice.
+        (
+            format!("{REDIS_WAIT}\n  fallback: {{ deadline: 250ms }}"),
+            Config("reliability.redis.spoolWaitTimeout"),
+        ),
         ("fallback: { failureThreshold: 0 }".into(), Config("reliability.fallback.failureThreshold")),
         ("fallback: { successThreshold: 0 }".into(), Config("reliability.fallback.successThreshold")),
         ("fallback: { probeInterval: 0s }".into(), Config("reliability.fallback.probeInterval")),
@@ -367,7 +378,7 @@ reliability:
     poolTimeout: 100ms
     poolSize: 32
     spoolWaitReplicas: 1
-    spoolWaitTimeout: 500ms
+    spoolWaitTimeout: 50ms
   disk:
     dir: /var/lib/gateway/spool
     maxBytes: 1073741824

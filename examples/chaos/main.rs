@@ -17,14 +17,20 @@
 //! cargo run --release --features redis,disk --example chaos -- --help
 //! ```
 //!
+//! Then it runs the network and memory phases (`network.rs`), each on a
+//! server of its own that stays up: a black-holed connection (a loopback
+//! fault proxy passes nothing and closes nothing), 80 ms of latency each
+//! way, and `maxmemory` reached under `noeviction`; each prints its report.
+//!
 //! With `--redis-url URL` it uses a server it did not start: it cannot kill
 //! or restart that one, so the fault steps are skipped (the phases run as a
-//! plain soak, and the report says so). The exit code is 1 when a done-when
-//! criterion of the report is violated.
+//! plain soak, and the report says so; the network phases are skipped). The
+//! exit code is 1 when a done-when criterion of a report is violated.
 
 // A command-line program: printing the report is its job.
 #![allow(clippy::print_stdout)]
 
+mod network;
 mod scenario;
 
 use std::process::ExitCode;
@@ -43,12 +49,15 @@ options (defaults in brackets):
   --sink-failure-rate F  share of deliveries the sink fails transiently, to show retries [0.05]
   --outage-keys N        keys claimed during each outage and checked after failback [20]
   --repeated-keys N      distinct keys the producers claim again and again [16]
+  --network-seconds F    length of each network / memory fault: black hole, 80 ms latency,
+                         maxmemory; 0 skips them [2]
   --redis-url URL        use this server instead of starting one: no fault can be injected,
                          so the fault steps are skipped (soak only)
   --help                 this text";
 
-fn parse_args() -> Result<Settings, String> {
+fn parse_args() -> Result<(Settings, Duration), String> {
     let mut s = Settings::default();
+    let mut network = Duration::from_secs(2);
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         if flag == "--help" || flag == "-h" {
@@ -73,6 +82,10 @@ fn parse_args() -> Result<Settings, String> {
             }
             "--outage-keys" => s.outage_keys = value.parse().map_err(|e| bad(&e))?,
             "--repeated-keys" => s.repeated_keys = value.parse().map_err(|e| bad(&e))?,
+            "--network-seconds" => {
+                let secs: f64 = value.parse().map_err(|e| bad(&e))?;
+                network = Duration::try_from_secs_f64(secs).map_err(|e| bad(&e))?;
+            }
             "--redis-url" => s.redis_url = Some(value),
             other => return Err(format!("unknown option {other}")),
         }
@@ -83,12 +96,12 @@ fn parse_args() -> Result<Settings, String> {
     if !(0.0..0.5).contains(&s.sink_failure_rate) {
         return Err("--sink-failure-rate must be in [0, 0.5)".into());
     }
-    Ok(s)
+    Ok((s, network))
 }
 
 #[tokio::main(flavor = "multi_thread")]
 async fn main() -> ExitCode {
-    let settings = match parse_args() {
+    let (settings, network) = match parse_args() {
         Ok(s) => s,
         Err(msg) if msg.is_empty() => {
             println!("{HELP}");
@@ -111,18 +124,37 @@ async fn main() -> ExitCode {
              the fault steps are skipped\n"
         );
     }
-    match scenario::run(&settings).await {
+    let mut violated = match scenario::run(&settings).await {
         Ok(report) => {
             println!("{report}");
-            if report.violations().is_empty() {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
-            }
+            !report.violations().is_empty()
         }
         Err(e) => {
             eprintln!("chaos: {e}");
-            ExitCode::from(2)
+            return ExitCode::from(2);
         }
+    };
+    if settings.redis_url.is_none() && !network.is_zero() {
+        println!("network and memory faults (a server of its own each)\n");
+        for fault in network::NetFault::ALL {
+            match network::run(fault, settings.tasks, network).await {
+                Ok(report) => {
+                    println!("{report}");
+                    for v in report.violations() {
+                        println!("  VIOLATED: {v}");
+                        violated = true;
+                    }
+                }
+                Err(e) => {
+                    eprintln!("chaos: {}: {e}", fault.name());
+                    return ExitCode::from(2);
+                }
+            }
+        }
+    }
+    if violated {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
     }
 }

@@ -635,8 +635,9 @@ pub const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_millis(500);
 pub const DEFAULT_POOL_TIMEOUT: Duration = Duration::from_millis(200);
 /// Default connection pool size.
 pub const DEFAULT_POOL_SIZE: u32 = 16;
-/// Default wait for replicas after a spool enqueue (when asked for): 1 s.
-pub const DEFAULT_SPOOL_WAIT_TIMEOUT: Duration = Duration::from_secs(1);
+/// Default wait for replicas after a spool enqueue (when asked for):
+/// 100 ms, inside the default fallback deadline with room for the script.
+pub const DEFAULT_SPOOL_WAIT_TIMEOUT: Duration = Duration::from_millis(100);
 /// Default idempotency entries held in memory.
 pub const DEFAULT_MAX_ENTRIES: u64 = 100_000;
 /// Default rate-limiter keys held in memory.
@@ -745,9 +746,35 @@ pub struct RedisConfig {
     /// Not offered on a cluster.
     pub spool_wait_replicas: u32,
     /// How long a spool enqueue waits for
-    /// [`spool_wait_replicas`](Self::spool_wait_replicas). Default 1 s.
+    /// [`spool_wait_replicas`](Self::spool_wait_replicas). Default 100 ms.
+    /// The `WAIT` runs within the enqueue's `fallback.deadline`, so it must
+    /// be shorter than that deadline (validated); a replica that does not
+    /// acknowledge in time leaves the batch on the master with its own
+    /// durability.
     #[serde(with = "duration")]
     pub spool_wait_timeout: Duration,
+    /// What the idempotency store and the rate limiter do on a server
+    /// whose `maxmemory-policy` may evict their keys. Default `refuse`.
+    pub on_evicting_policy: OnEvictingPolicy,
+}
+
+/// What the Redis idempotency store and rate limiter do on a server whose
+/// `maxmemory-policy` may evict keys (anything but `noeviction`): an
+/// evicted pending claim is acquired again (the event is processed twice),
+/// an evicted limit starts afresh. The spool refuses such a server either
+/// way (an evicted record is lost).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+#[non_exhaustive]
+pub enum OnEvictingPolicy {
+    /// Do not use the server: calls answer unavailable (misconfigured),
+    /// so the local side answers, and status shows an alert naming the
+    /// policy. The default.
+    #[default]
+    Refuse,
+    /// Use it anyway, knowingly; status shows the accepted policy as an
+    /// alert.
+    Accept,
 }
 
 impl Default for RedisConfig {
@@ -766,6 +793,7 @@ impl Default for RedisConfig {
             pool_size: DEFAULT_POOL_SIZE,
             spool_wait_replicas: 0,
             spool_wait_timeout: DEFAULT_SPOOL_WAIT_TIMEOUT,
+            on_evicting_policy: OnEvictingPolicy::Refuse,
         }
     }
 }
@@ -1275,6 +1303,23 @@ impl ReliabilityConfig {
         let f = &self.fallback;
         if f.deadline.is_zero() {
             p.push(c("fallback.deadline", "must be greater than zero".into()));
+        }
+        if let Some(r) = self.redis.as_ref().filter(|r| r.spool_wait_replicas > 0) {
+            // A spool enqueue runs its script and then `WAIT`, all under the
+            // deadline: a `WAIT` as long as the deadline would make every
+            // enqueue behind one lagging replica time out, land on both
+            // sides and open the breaker shared with the other components.
+            if r.spool_wait_timeout >= f.deadline {
+                p.push(c(
+                    "redis.spoolWaitTimeout",
+                    format!(
+                        "{:?} is not shorter than fallback.deadline {:?}: the WAIT of every \
+                         spool enqueue runs within that deadline; lower spoolWaitTimeout (leave \
+                         the script time) or raise fallback.deadline",
+                        r.spool_wait_timeout, f.deadline
+                    ),
+                ));
+            }
         }
         if f.failure_threshold == 0 {
             p.push(c("fallback.failureThreshold", "must be at least 1".into()));

@@ -32,6 +32,16 @@ pub enum UnavailableReason {
     Loading,
     /// The cluster cannot serve the slot (`CLUSTERDOWN`, `TRYAGAIN`).
     ClusterDown,
+    /// The server is out of memory and refuses writes (Redis `OOM` under
+    /// `maxmemory` with `noeviction`).
+    OutOfMemory,
+    /// The server is busy with a long script and answers nothing else
+    /// (Redis `BUSY`).
+    Busy,
+    /// The server answers but its configuration makes it unsafe to use
+    /// (e.g. a Redis `maxmemory-policy` that evicts keys): not an outage,
+    /// an operator must act. Status shows the cause as an alert.
+    Misconfigured,
     /// The local store cannot take writes now (I/O error, disk full).
     Io,
     /// The backend was closed by its owner.

@@ -280,6 +280,12 @@ pub struct RedisStatus {
     pub degraded: bool,
     /// What answers instead.
     pub fallback: RedisFallback,
+    /// A misconfiguration found on a Redis that is up (a refused password
+    /// or ACL, an evicting `maxmemory-policy`, refused or accepted),
+    /// redacted: an operator must act, waiting will not help. Shown only
+    /// when there is one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alert: Option<Redacted>,
 }
 
 /// The local (baseline) side: memory, local limiter, disk.

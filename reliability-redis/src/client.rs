@@ -20,11 +20,24 @@
 //! # Deadlines
 //!
 //! Every call has two bounded parts: getting a connection (when none is
-//! open: at most `poolTimeout` waiting for the caller that is connecting,
-//! `connectTimeout` to open it) and the command itself (at most
-//! `responseTimeout`, enforced with one timer around the command in every
-//! mode). A call that runs out of time answers [`Error::Timeout`] or an
-//! *unavailable* error, never hangs.
+//! open: at most `poolTimeout` + `connectTimeout` waiting for the connect)
+//! and the command itself (at most `responseTimeout`, enforced with one
+//! timer around the command in every mode). A call that runs out of time
+//! answers [`Error::Timeout`] or an *unavailable* error, never hangs.
+//!
+//! Callers often bound a call more tightly (a `Fallback`'s deadline, 250 ms
+//! by default, is shorter than the 500 ms response timeout) and drop it
+//! when their time is up. Two rules keep that from wedging the client:
+//!
+//! - **A connect runs in the background**, not in the caller that needed
+//!   it: it completes (or fails) within `connectTimeout` even when every
+//!   caller waiting for it gave up, so a connect slower than the callers'
+//!   deadline (TLS, Sentinel) still ends with a connection.
+//! - **A call dropped before its reply drops its connection**, unless that
+//!   connection answered another call meanwhile (slow, not dead): the shared
+//!   connection it ran on is replaced on the next call (as after an error).
+//!   A black-holed connection (no FIN, no RST: nothing comes back, ever)
+//!   would otherwise be kept until the kernel gives up, minutes later.
 //!
 //! # Connections
 //!
@@ -91,7 +104,7 @@ use deadpool_redis::redis::{
     self, AsyncConnectionConfig, Client, Cmd, ErrorKind, IntoConnectionInfo, Pipeline, RedisError,
     RedisFuture, RedisResult, Script, ServerErrorKind, Value,
 };
-use reliability_core::config::{RedisConfig, RedisUrl};
+use reliability_core::config::{OnEvictingPolicy, RedisConfig, RedisUrl};
 use reliability_core::{Error, KeySpace, Result, SharedClock, UnavailableReason};
 
 use crate::error::{self, Disposition};
@@ -116,8 +129,8 @@ pub struct RedisClient {
 struct Inner {
     /// The connection every script and command pipelines on, once open.
     shared: RwLock<Option<Shared>>,
-    /// Held by the one caller that opens the shared connection.
-    connecting: tokio::sync::Mutex<()>,
+    /// The background connects: at most one runs at a time.
+    connects: tokio::sync::watch::Sender<Connects>,
     /// Numbers the shared connections, so an error on an old one never
     /// drops its successor.
     generation: AtomicU64,
@@ -133,6 +146,17 @@ struct Inner {
     response_timeout: Duration,
     /// Set by the Sentinel watcher while a failover is in progress.
     failover: AtomicBool,
+    /// Replies counted so far, and the shared connection of the last one:
+    /// a call dropped at its caller's deadline keeps a connection that
+    /// answered meanwhile (slow, not dead).
+    replies: AtomicU64,
+    reply_generation: AtomicU64,
+    /// The backends' scripts, loaded on every new connection (see
+    /// [`RedisClient::preload`]).
+    scripts: std::sync::Mutex<Vec<Script>>,
+    /// The server's `maxmemory-policy`, cached (see `policy.rs`).
+    policy: crate::policy::PolicyCache,
+    on_evicting_policy: OnEvictingPolicy,
 }
 
 /// The shared connection and its generation.
@@ -212,7 +236,7 @@ impl RedisClient {
             .map_err(|e| Error::config("reliability.redis", e.to_string()))?;
         let inner = Arc::new(Inner {
             shared: RwLock::new(None),
-            connecting: tokio::sync::Mutex::new(()),
+            connects: tokio::sync::watch::Sender::new(Connects::default()),
             generation: AtomicU64::new(0),
             pool,
             key_space,
@@ -223,6 +247,11 @@ impl RedisClient {
             connect_timeout: cfg.connect_timeout,
             response_timeout: cfg.response_timeout,
             failover: AtomicBool::new(false),
+            replies: AtomicU64::new(0),
+            reply_generation: AtomicU64::new(0),
+            scripts: std::sync::Mutex::default(),
+            policy: crate::policy::PolicyCache::default(),
+            on_evicting_policy: cfg.on_evicting_policy,
         });
         if let Some(s) = &cfg.sentinel {
             // Without a runtime (a client built outside tokio) there is no
@@ -283,6 +312,47 @@ impl RedisClient {
         self.inner.mode
     }
 
+    /// What the idempotency store and the rate limiter do on a server
+    /// whose `maxmemory-policy` may evict keys (`redis.onEvictingPolicy`).
+    pub fn on_evicting_policy(&self) -> OnEvictingPolicy {
+        self.inner.on_evicting_policy
+    }
+
+    pub(crate) fn policy_cache(&self) -> &crate::policy::PolicyCache {
+        &self.inner.policy
+    }
+
+    /// Registers scripts to load (`SCRIPT LOAD`) on every new connection,
+    /// in the background connect, and now on the open one. Otherwise the
+    /// first call of each script pays `NOSCRIPT` and a load: three round
+    /// trips, which a slow link (80 ms each way) turns into more than a
+    /// caller's deadline. The backends register theirs when built.
+    pub fn preload(&self, scripts: &[&Script]) {
+        let added: Vec<Script> = {
+            let mut known = self.inner.scripts.lock().unwrap_or_else(|p| p.into_inner());
+            let mut added = Vec::new();
+            for s in scripts {
+                if !known.iter().any(|k| k.get_hash() == s.get_hash()) {
+                    known.push((*s).clone());
+                    added.push((*s).clone());
+                }
+            }
+            added
+        };
+        let open = self.inner.current();
+        if let (Some(shared), false, Ok(rt)) = (
+            open,
+            added.is_empty(),
+            tokio::runtime::Handle::try_current(),
+        ) {
+            rt.spawn(load_scripts(
+                shared.conn,
+                added,
+                self.inner.response_timeout,
+            ));
+        }
+    }
+
     /// The bound of one command (the configured response timeout).
     pub fn response_timeout(&self) -> Duration {
         self.inner.response_timeout
@@ -327,7 +397,10 @@ impl RedisClient {
                 other => other,
             }
         };
-        self.finish(context, Some(generation), run).await
+        let call = InFlight::new(&self.inner, generation);
+        let result = self.finish(context, Some(generation), run).await;
+        call.done();
+        result
     }
 
     /// Runs one plain command within the deadline, errors mapped. In
@@ -338,12 +411,16 @@ impl RedisClient {
     pub async fn query(&self, cmd: &Cmd) -> Result<Value> {
         let context = "command";
         let (generation, mut conn) = self.shared(context).await?;
-        self.finish(
-            context,
-            Some(generation),
-            cmd.query_async::<Value>(&mut conn),
-        )
-        .await
+        let call = InFlight::new(&self.inner, generation);
+        let result = self
+            .finish(
+                context,
+                Some(generation),
+                cmd.query_async::<Value>(&mut conn),
+            )
+            .await;
+        call.done();
+        result
     }
 
     /// Runs `script` and then `WAIT replicas timeout` on the same
@@ -371,6 +448,9 @@ impl RedisClient {
             // Nothing to wait for: the shared connection will do.
             return Ok((self.eval(script, &cmd, context).await?, 0));
         }
+        // Declared before the connection, so it is dropped after it: a
+        // dropped call then finds the connection back in the pool.
+        let call = InFlight::pooled(&self.inner);
         let mut conn = self.checkout(context).await?;
         let run = async {
             match cmd.query_async::<Value>(&mut *conn).await {
@@ -390,8 +470,9 @@ impl RedisClient {
                 return Err(e);
             }
         };
-        let acked = self.wait_on(conn, replicas, timeout).await?;
-        Ok((value, acked))
+        let acked = self.wait_on(conn, replicas, timeout).await;
+        call.done();
+        Ok((value, acked?))
     }
 
     /// `WAIT replicas timeout` on one exclusive pooled connection: the
@@ -407,8 +488,11 @@ impl RedisClient {
         if self.inner.mode == Mode::Cluster || replicas == 0 {
             return Ok(0);
         }
+        let call = InFlight::pooled(&self.inner);
         let conn = self.checkout("WAIT").await?;
-        self.wait_on(conn, replicas, timeout).await
+        let acked = self.wait_on(conn, replicas, timeout).await;
+        call.done();
+        acked
     }
 
     async fn wait_on(
@@ -515,45 +599,31 @@ impl RedisClient {
     }
 
     /// A handle of the shared connection (and its generation), opening it
-    /// when there is none: one caller connects, the others wait for it.
+    /// when there is none: a background task connects (see the module
+    /// docs), callers wait for it, at most `poolTimeout` + `connectTimeout`.
     async fn shared(&self, context: &str) -> Result<(u64, Conn)> {
         self.check_failover(context)?;
         if let Some(s) = self.inner.current() {
             return Ok((s.generation, s.conn));
         }
         let i = &self.inner;
-        // At most poolTimeout waiting for the caller that is connecting,
-        // then connectTimeout for our own connect.
         let bound = i.pool_timeout + i.connect_timeout;
-        let open = async {
-            let _turn = i.connecting.lock().await;
-            if let Some(s) = i.current() {
-                return Ok(s);
+        let mut connects = i.connects.subscribe();
+        let ends = start_connect(&self.inner);
+        let wait = async {
+            loop {
+                if let Some(s) = i.current() {
+                    return Ok(s);
+                }
+                if let Some(failure) = connects.borrow_and_update().ended(ends) {
+                    return Err(failure.error(context));
+                }
+                if connects.changed().await.is_err() {
+                    return Err(error::timeout(bound));
+                }
             }
-            let conn = tokio::time::timeout(
-                i.connect_timeout,
-                deadpool::managed::Manager::create(i.pool.manager()),
-            )
-            .await
-            .map_err(|_| {
-                Error::unavailable(
-                    error::BACKEND,
-                    UnavailableReason::Timeout,
-                    format!("{context}: no connection within the connect timeout"),
-                )
-            })?
-            .map_err(|e| {
-                let (err, disposition) = error::map(&e, context);
-                self.dispose(err, disposition, None)
-            })?;
-            let shared = Shared {
-                generation: i.generation.fetch_add(1, Ordering::AcqRel) + 1,
-                conn,
-            };
-            *i.shared.write().unwrap_or_else(|p| p.into_inner()) = Some(shared.clone());
-            Ok(shared)
         };
-        match tokio::time::timeout(bound, open).await {
+        match tokio::time::timeout(bound, wait).await {
             Ok(Ok(s)) => {
                 // A failover may have started while we connected.
                 self.check_failover(context)?;
@@ -590,9 +660,15 @@ impl RedisClient {
     ) -> Result<T> {
         let after = self.inner.response_timeout;
         match tokio::time::timeout(after, fut).await {
-            Ok(Ok(v)) => Ok(v),
+            Ok(Ok(v)) => {
+                self.inner.replied(generation);
+                Ok(v)
+            }
             Ok(Err(e)) => {
                 let (err, disposition) = error::map(&e, context);
+                if disposition == Disposition::Keep {
+                    self.inner.replied(generation);
+                }
                 Err(self.dispose(err, disposition, generation))
             }
             Err(_) => {
@@ -602,6 +678,13 @@ impl RedisClient {
         }
     }
 
+    /// See [`Inner::dispose`].
+    fn dispose(&self, err: Error, disposition: Disposition, generation: Option<u64>) -> Error {
+        self.inner.dispose(err, disposition, generation)
+    }
+}
+
+impl Inner {
     /// On [`Disposition::Reconnect`] drops the shared connection (when it is
     /// still generation `generation`; any one for `None`) and the idle
     /// pooled ones.
@@ -609,9 +692,9 @@ impl RedisClient {
         // A cluster connection reconnects its nodes and refreshes its slot
         // map itself; rebuilding it would only add a connect to every node
         // (one of which may hang) to the next call.
-        if disposition == Disposition::Reconnect && self.inner.mode != Mode::Cluster {
-            let shared = self.inner.drop_shared(generation);
-            let pooled = self.inner.pool.retain(|_, _| false).removed.len();
+        if disposition == Disposition::Reconnect && self.mode != Mode::Cluster {
+            let shared = self.drop_shared(generation);
+            let pooled = self.pool.retain(|_, _| false).removed.len();
             if shared || pooled > 0 {
                 tracing::warn!(
                     error = %err,
@@ -623,9 +706,22 @@ impl RedisClient {
         }
         err
     }
-}
 
-impl Inner {
+    /// A reply came on shared connection `generation` (none: a pooled one).
+    fn replied(&self, generation: Option<u64>) {
+        if let Some(g) = generation {
+            self.reply_generation.store(g, Ordering::Relaxed);
+            self.replies.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Whether shared connection `generation` answered a call after the
+    /// reply count was `seen`.
+    fn answered_since(&self, generation: u64, seen: u64) -> bool {
+        self.reply_generation.load(Ordering::Relaxed) == generation
+            && self.replies.load(Ordering::Relaxed) > seen
+    }
+
     fn current(&self) -> Option<Shared> {
         self.shared
             .read()
@@ -644,6 +740,211 @@ impl Inner {
             *slot = None;
         }
         matches
+    }
+}
+
+/// The background connects of one client.
+#[derive(Debug, Clone, Default)]
+struct Connects {
+    /// One is running now.
+    running: bool,
+    /// How many have ended.
+    ended: u64,
+    /// How the last one failed (`None`: it connected).
+    failure: Option<Failure>,
+}
+
+impl Connects {
+    /// Once connect number `n` ended without a connection: why.
+    fn ended(&self, n: u64) -> Option<Failure> {
+        if self.ended < n {
+            return None;
+        }
+        Some(self.failure.clone().unwrap_or_else(|| Failure {
+            reason: Some(UnavailableReason::Connection),
+            message: "the connection closed right after it opened".into(),
+        }))
+    }
+}
+
+/// A failed connect, kept to answer every caller that waited for it.
+#[derive(Debug, Clone)]
+struct Failure {
+    /// The unavailable reason; `None` for a deployment error (failed
+    /// authentication, a refused certificate).
+    reason: Option<UnavailableReason>,
+    message: String,
+}
+
+impl Failure {
+    fn of(err: &Error) -> Self {
+        match err {
+            Error::Unavailable {
+                reason, message, ..
+            } => Failure {
+                reason: Some(*reason),
+                message: message.clone(),
+            },
+            Error::Backend { message, .. } => Failure {
+                reason: None,
+                message: message.clone(),
+            },
+            other => Failure {
+                reason: other.unavailable_reason(),
+                message: other.to_string(),
+            },
+        }
+    }
+
+    fn error(&self, context: &str) -> Error {
+        let message = format!("{context}: {}", self.message);
+        match self.reason {
+            Some(reason) => Error::unavailable(error::BACKEND, reason, message),
+            None => Error::Backend {
+                backend: error::BACKEND,
+                message,
+                source: None,
+            },
+        }
+    }
+}
+
+/// Starts a background connect unless one runs; returns the number of the
+/// connect whose end a caller waits for.
+fn start_connect(inner: &Arc<Inner>) -> u64 {
+    let mut spawn = false;
+    let mut ends = 0;
+    inner.connects.send_modify(|c| {
+        spawn = !c.running;
+        c.running = true;
+        ends = c.ended + 1;
+    });
+    if spawn {
+        tokio::spawn(connect(Arc::clone(inner)));
+    }
+    ends
+}
+
+/// One connect, bounded by the connect timeout whoever waits for it: on
+/// success the shared connection, else the failure for the waiters.
+async fn connect(inner: Arc<Inner>) {
+    let created = tokio::time::timeout(
+        inner.connect_timeout,
+        deadpool::managed::Manager::create(inner.pool.manager()),
+    )
+    .await;
+    let failure = match created {
+        Ok(Ok(conn)) => {
+            let scripts = inner
+                .scripts
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone();
+            load_scripts(conn.clone(), scripts, inner.connect_timeout).await;
+            let shared = Shared {
+                generation: inner.generation.fetch_add(1, Ordering::AcqRel) + 1,
+                conn,
+            };
+            *inner.shared.write().unwrap_or_else(|p| p.into_inner()) = Some(shared);
+            None
+        }
+        Ok(Err(e)) => {
+            let (err, disposition) = error::map(&e, "connect");
+            Some(Failure::of(&inner.dispose(err, disposition, None)))
+        }
+        Err(_) => Some(Failure {
+            reason: Some(UnavailableReason::Timeout),
+            message: format!(
+                "no connection within the connect timeout ({:?})",
+                inner.connect_timeout
+            ),
+        }),
+    };
+    inner.connects.send_modify(|c| {
+        c.running = false;
+        c.ended += 1;
+        c.failure = failure;
+    });
+}
+
+/// Loads `scripts` on `conn` (pipelined: one round trip), within `bound`.
+/// Best effort: a script that is not loaded is loaded on its first call.
+/// Not on a cluster connection (each node holds its own scripts, and the
+/// cluster client loads them on `NOSCRIPT`).
+async fn load_scripts(conn: Conn, scripts: Vec<Script>, bound: Duration) {
+    if scripts.is_empty() || matches!(conn, Conn::Cluster(_)) {
+        return;
+    }
+    let mut loads = tokio::task::JoinSet::new();
+    for script in scripts {
+        let mut conn = conn.clone();
+        loads.spawn(async move { script.load_async(&mut conn).await });
+    }
+    let all = async { while loads.join_next().await.is_some() {} };
+    if tokio::time::timeout(bound, all).await.is_err() {
+        tracing::debug!("redis: loading the scripts on a new connection timed out");
+    }
+}
+
+/// A call on shared connection `generation` (`None`: on a pooled one):
+/// dropped before [`done`] (its caller's deadline passed), it drops that
+/// connection, which may never answer again (see the module docs), unless
+/// the connection answered another call meanwhile: a slow link is not a
+/// dead one, and replacing it would only add a connect to the next calls.
+///
+/// [`done`]: InFlight::done
+struct InFlight<'a> {
+    inner: &'a Inner,
+    generation: Option<u64>,
+    /// The reply count when the call started.
+    replies: u64,
+    finished: bool,
+}
+
+impl<'a> InFlight<'a> {
+    fn new(inner: &'a Inner, generation: u64) -> Self {
+        Self {
+            inner,
+            generation: Some(generation),
+            replies: inner.replies.load(Ordering::Relaxed),
+            finished: false,
+        }
+    }
+
+    /// A call on a pooled connection: dropped early, it empties the pool's
+    /// idle connections, its own among them once it went back.
+    fn pooled(inner: &'a Inner) -> Self {
+        Self {
+            inner,
+            generation: None,
+            replies: 0,
+            finished: false,
+        }
+    }
+
+    fn done(mut self) {
+        self.finished = true;
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        // A cluster connection times out its own calls and heals itself.
+        if self.finished || self.inner.mode == Mode::Cluster {
+            return;
+        }
+        let dropped = match self.generation {
+            Some(g) if self.inner.answered_since(g, self.replies) => false,
+            Some(g) => self.inner.drop_shared(Some(g)),
+            None => !self.inner.pool.retain(|_, _| false).removed.is_empty(),
+        };
+        if dropped {
+            tracing::warn!(
+                generation = self.generation,
+                "redis: a call was dropped before its reply (its caller's deadline); \
+                 dropping its connection"
+            );
+        }
     }
 }
 

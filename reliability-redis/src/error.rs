@@ -2,8 +2,10 @@
 //!
 //! The one question every mapping answers: may another backend answer this
 //! call instead? Connection, timeout, pool, `READONLY`, `MASTERDOWN`,
-//! `LOADING` and cluster-state errors are *unavailable*; `WRONGTYPE`, failed
-//! authentication, script and command errors are not. Every message goes
+//! `LOADING`, `OOM` (out of memory under `noeviction`), `BUSY` (a long
+//! script) and cluster-state errors are *unavailable*; `WRONGTYPE`, failed
+//! authentication, an ACL refusal (`NOPERM`), script and command errors are
+//! not. Every message goes
 //! through [`redact`] so no credential ever reaches an error, a log line or
 //! the status.
 
@@ -53,6 +55,7 @@ pub(crate) fn map(err: &RedisError, context: &str) -> (Error, Disposition) {
             )
         }
         Some("NOAUTH" | "WRONGPASS") => return (auth_failed(&message), Disposition::Reconnect),
+        Some("NOPERM") => return (acl_refused(&message), Disposition::Keep),
         Some("READONLY") => {
             return unavailable(UnavailableReason::ReadOnly, Disposition::Reconnect)
         }
@@ -65,6 +68,12 @@ pub(crate) fn map(err: &RedisError, context: &str) -> (Error, Disposition) {
             return unavailable(UnavailableReason::MasterDown, Disposition::Reconnect)
         }
         Some("LOADING") => return unavailable(UnavailableReason::Loading, Disposition::Keep),
+        // `maxmemory` reached under `noeviction`: the server refuses writes
+        // until memory frees; the connection is fine.
+        Some("OOM") => return unavailable(UnavailableReason::OutOfMemory, Disposition::Keep),
+        // A script runs longer than `busy-reply-threshold`: every other
+        // command waits for it (or for `SCRIPT KILL`).
+        Some("BUSY") => return unavailable(UnavailableReason::Busy, Disposition::Keep),
         Some("CLUSTERDOWN" | "TRYAGAIN" | "MOVED" | "ASK") => {
             return unavailable(UnavailableReason::ClusterDown, Disposition::Keep)
         }
@@ -213,6 +222,18 @@ fn auth_failed(message: &str) -> Error {
             "authentication failed (check reliability.redis.username / password, and the \
              credentials in the URLs: behind Sentinel, those of reliability.redis.sentinel.urls \
              are the sentinels' own): {message}"
+        ),
+        source: None,
+    }
+}
+
+/// The ACL user may not run a command or touch a key: a deployment error.
+fn acl_refused(message: &str) -> Error {
+    Error::Backend {
+        backend: BACKEND,
+        message: format!(
+            "ACL refusal (check reliability.redis.username and the server's ACL rules for \
+             that user): {message}"
         ),
         source: None,
     }

@@ -444,6 +444,33 @@ exit 0"#;
         )
     }
 
+    /// Fills the server's memory until a write is refused with `OOM` (it
+    /// must run with `maxmemory` and `noeviction`), then lowers `maxmemory`
+    /// below what is used, so memory the server frees later (client
+    /// buffers) lets no write through. `CONFIG SET maxmemory 0` ends it.
+    ///
+    /// # Panics
+    /// When the server never refuses a write, or refuses it otherwise.
+    pub fn fill_to_oom(&self) {
+        for (size, what) in [(16 * 1024, "big"), (64, "small")] {
+            let value = "f".repeat(size);
+            let refused = (0..200_000).any(|i| {
+                match self.cmd(&["SET", &format!("filler:{what}:{i}"), &value]) {
+                    Resp::Error(e) if e.starts_with("OOM") => true,
+                    Resp::Error(e) => panic!("filling: {e}"),
+                    _ => false,
+                }
+            });
+            assert!(refused, "the server never reported OOM");
+        }
+        let used: u64 = self
+            .info_field("memory", "used_memory")
+            .and_then(|v| v.parse().ok())
+            .expect("used_memory");
+        let limit = (used / 4 * 3).to_string();
+        assert!(self.cmd(&["CONFIG", "SET", "maxmemory", &limit]).is_ok());
+    }
+
     /// The `INFO <section>` field `name`.
     pub fn info_field(&self, section: &str, name: &str) -> Option<String> {
         let text = self.cmd(&["INFO", section]).text()?;

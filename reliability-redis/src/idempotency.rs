@@ -232,9 +232,16 @@ impl RedisIdempotencyStoreBuilder {
         let clock_override = self
             .clock_override
             .or_else(|| self.client.clock_override().cloned());
+        let scripts = Scripts::new();
+        self.client.preload(&[
+            &scripts.claim,
+            &scripts.complete,
+            &scripts.release,
+            &scripts.extend,
+        ]);
         RedisIdempotencyStore {
             client: self.client,
-            scripts: Scripts::new(),
+            scripts,
             max_result_bytes: self.max_result_bytes,
             clock_override,
         }
@@ -275,6 +282,14 @@ impl RedisIdempotencyStore {
         cmd
     }
 
+    /// Refuses a server that may evict claims, unless accepted (see
+    /// [`RedisClient::check_eviction`]).
+    async fn check_eviction(&self) -> Result<()> {
+        self.client
+            .check_eviction("idempotency", self.client.on_evicting_policy())
+            .await
+    }
+
     /// Physical TTL margin: see [`OVERRIDE_MARGIN_MS`].
     fn margin_ms(&self) -> u64 {
         if self.clock_override.is_some() {
@@ -294,6 +309,7 @@ impl RedisIdempotencyStore {
         args: impl FnOnce(&mut Cmd),
     ) -> Result<()> {
         let key = self.key(lease.key())?;
+        self.check_eviction().await?;
         let mut cmd = self.call(script, &key, 1 + extra);
         cmd.arg(lease.token().to_string());
         args(&mut cmd);
@@ -327,6 +343,7 @@ impl IdempotencyStore for RedisIdempotencyStore {
     async fn claim(&self, key: &str, fingerprint: &Fingerprint, lease: Duration) -> Result<Claim> {
         let redis_key = self.key(key)?;
         check_lease_duration("lease", lease)?;
+        self.check_eviction().await?;
         let token = LeaseToken::generate();
         let lease_us = positive_us(lease);
         let mut cmd = evalsha(&self.scripts.claim, 1, 6);

@@ -16,12 +16,13 @@
 //! | feature | default | what it adds |
 //! |---|---|---|
 //! | `tls` | no | `rediss://` connections (rustls with the ring provider; standalone, Sentinel and Cluster) |
-//! | `test-harness` | no | `harness`: starts `redis-server`, Sentinel sets and clusters on free loopback ports, for tests |
+//! | `test-harness` | no | `harness`: starts `redis-server`, Sentinel sets and clusters on free loopback ports, for tests; `proxy`: a loopback TCP proxy that adds latency, black-holes, resets or stalls connections |
 #![doc(test(attr(deny(warnings))))]
 
 pub mod client;
 mod error;
 pub mod idempotency;
+mod policy;
 mod probe;
 pub mod rate_limit;
 mod script;
@@ -29,8 +30,13 @@ mod spool;
 
 #[cfg(feature = "test-harness")]
 pub mod harness;
+#[cfg(feature = "test-harness")]
+pub mod proxy;
 
 pub use client::{Mode, RedisClient};
 pub use idempotency::{RedisIdempotencyStore, RedisIdempotencyStoreBuilder};
+pub use policy::Policy;
 pub use rate_limit::{RedisRateLimiter, RedisRateLimiterBuilder};
-pub use spool::{RedisSpool, RedisSpoolBuilder};
+pub use spool::{
+    call_weight, RedisSpool, RedisSpoolBuilder, DEFAULT_MAX_CALL_BYTES, RECORD_CALL_OVERHEAD,
+};

@@ -125,9 +125,11 @@ impl RedisRateLimiterBuilder {
         let clock_override = self
             .clock_override
             .or_else(|| self.client.clock_override().cloned());
+        let script = Script::new(&format!("{LUA_NOW}{GCRA}"));
+        self.client.preload(&[&script]);
         RedisRateLimiter {
             client: self.client,
-            script: Script::new(&format!("{LUA_NOW}{GCRA}")),
+            script,
             clock_override,
         }
     }
@@ -196,6 +198,9 @@ impl RedisRateLimiter {
         } else {
             0
         };
+        self.client
+            .check_eviction("rate limit", self.client.on_evicting_policy())
+            .await?;
         let mut cmd = evalsha(&self.script, 1, 6);
         cmd.arg(redis_key.as_str());
         push_now(&mut cmd, self.clock_override.as_ref());
