@@ -764,7 +764,7 @@ mod rfc3339 {
         )
     }
 
-    /// Reads `YYYY-MM-DDTHH:MM:SS[.fraction]Z`.
+    /// Reads `YYYY-MM-DDTHH:MM:SS[.fraction]Z`, to the millisecond.
     pub(super) fn parse(s: &str) -> Option<Timestamp> {
         let s = s.strip_suffix('Z').or_else(|| s.strip_suffix('z'))?;
         let (date, time) = s.split_once(['T', 't'])?;
@@ -786,10 +786,14 @@ mod rfc3339 {
         if !frac.bytes().all(|b| b.is_ascii_digit()) {
             return None;
         }
-        let mut micros: u64 = 0;
-        for (i, b) in frac.bytes().take(6).enumerate() {
-            micros += u64::from(b - b'0') * 10u64.pow(5 - i as u32);
-        }
+        // Milliseconds, the precision `format` writes: a finer fraction is
+        // dropped, so what is read writes back as it reads.
+        let millis = frac
+            .bytes()
+            .chain(std::iter::repeat(b'0'))
+            .take(3)
+            .fold(0, |ms, b| ms * 10 + u64::from(b - b'0'));
+        let micros = millis * 1000;
         // A year a timestamp cannot hold is refused, never wrapped: the
         // arithmetic below is checked from the year on.
         if !(0..=MAX_YEAR).contains(&y) || d > days_in_month(y, m) {
