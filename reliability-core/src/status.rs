@@ -97,6 +97,25 @@ const SECRET_KEYS: [&str; 6] = [
 /// assert_eq!(redact("redis://10.0.0.5"), "redis://10.0.0.5");
 /// ```
 pub fn redact(text: &str) -> String {
+    // One pass can make a new credential-like shape (a `password=` inside
+    // a URL's user name takes the URL's `@host` with its value); passes
+    // repeat until the text no longer changes, so redacting is idempotent
+    // (a status read back keeps its errors as they were written).
+    let mut out = redact_once(text);
+    for _ in 0..MAX_PASSES {
+        let next = redact_once(&out);
+        if next == out {
+            break;
+        }
+        out = next;
+    }
+    out
+}
+
+/// Passes after the first [`redact`] makes at most.
+const MAX_PASSES: usize = 8;
+
+fn redact_once(text: &str) -> String {
     redact_key_values(&redact_userinfo(text))
 }
 
@@ -117,6 +136,8 @@ fn redact_userinfo(text: &str) -> String {
         // The credentials end at the last '@' of the token: a password may
         // hold '@', '/', '?', '#' and every delimiter but whitespace.
         match token.rfind('@') {
+            // `scheme://@host`: no credentials to hide.
+            Some(0) => out.push_str(token),
             Some(at) => {
                 let userinfo = &token[..at];
                 match userinfo.find(':') {
@@ -919,6 +940,7 @@ mod tests {
             ("redis://u:p@h:1/0", "redis://u:***@h:1/0"),
             ("rediss://:p@h", "rediss://:***@h"),
             ("redis://token@h", "redis://***@h"),
+            ("redis://@h", "redis://@h"),
             ("x redis://u:p@ss@h y", "x redis://u:***@h y"),
             (
                 "a redis://h b redis://u:q@h2",
