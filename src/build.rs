@@ -316,6 +316,7 @@ fn memory_store(
 ) -> reliability_memory::MemoryIdempotencyStore {
     reliability_memory::MemoryIdempotencyStore::builder()
         .max_entries(config.memory.max_entries)
+        .max_bytes(config.memory.max_bytes)
         .clock(clock.clone())
         .build()
 }

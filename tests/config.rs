@@ -195,6 +195,64 @@ async fn invalid_configurations_name_the_field() {
             "fallback: { rateLimitPolicy: localShared }".into(),
             Config("reliability.fallback.rateLimitPolicy"),
         ),
+        // Credentials a URL cannot carry unencoded (they would end the URL
+        // in free text, so the password would show when redacted).
+        (
+            "profile: redis-enabled\n  redis: { url: 'redis://app:p ss@h:6379/0' }".into(),
+            Config("reliability.redis.url"),
+        ),
+        // The database of a URL and the db field agree; both exist.
+        (
+            "profile: redis-enabled\n  redis: { url: redis://h:6379/3, db: 1 }".into(),
+            Config("reliability.redis.db"),
+        ),
+        (
+            "profile: redis-enabled\n  redis: { url: redis://h:6379/16 }".into(),
+            Config("reliability.redis.url"),
+        ),
+        (
+            "profile: redis-enabled\n  redis: { sentinel: { masterName: m, urls: [redis://s:26379/2] } }"
+                .into(),
+            Config("reliability.redis.sentinel.urls[0]"),
+        ),
+        (
+            "profile: redis-enabled\n  redis: { cluster: { urls: [redis://c:7000, redis://c:7001/1] } }"
+                .into(),
+            Config("reliability.redis.cluster.urls[1]"),
+        ),
+        // Upper bounds of durations (a huge one overflows a deadline).
+        ("fallback: { deadline: 36501d }".into(), Config("reliability.fallback.deadline")),
+        (
+            "fallback: { probeInterval: 213503982334601d }".into(),
+            Config("reliability.fallback.probeInterval"),
+        ),
+        (
+            "profile: redis-enabled\n  redis: { url: redis://h, responseTimeout: 99999999999d }".into(),
+            Config("reliability.redis.responseTimeout"),
+        ),
+        (
+            "spoolLimits: { retention: 213503982334601d }".into(),
+            Config("reliability.spoolLimits.retention"),
+        ),
+        (
+            "retry: { schedule: [1m, 213503982334601d] }".into(),
+            Config("reliability.retry.schedule[1]"),
+        ),
+        (
+            "spool: disk\n  disk: { dir: /tmp/s, fsync: interval, fsyncInterval: 213503982334601d }"
+                .into(),
+            Config("reliability.disk.fsyncInterval"),
+        ),
+        // Sizes and the pairs they form.
+        (
+            "spool: disk\n  disk: { dir: /tmp/s, maxBytes: 1000 }".into(),
+            Config("reliability.disk.maxBytes"),
+        ),
+        (
+            "spoolLimits: { maxBytes: 1099511627776, maxRecordBytes: 1099511627776 }".into(),
+            Config("reliability.spoolLimits.maxRecordBytes"),
+        ),
+        ("memory: { maxBytes: 0 }".into(), Config("reliability.memory.maxBytes")),
     ];
     // Backends whose cargo feature is off. With feature `redis` these
     // configurations connect to Redis (tested in reliability-redis), so the
@@ -347,7 +405,8 @@ fn defaults() {
     assert_eq!(cfg.rate_limiter_backend(), RateLimiterBackend::Redis);
     assert_eq!(cfg.spool_backend(), SpoolBackend::Redis);
     let redis = cfg.redis.as_ref().unwrap();
-    assert_eq!(redis.db, 0);
+    assert_eq!(redis.db, None);
+    assert_eq!(redis.database().unwrap(), 0);
     assert_eq!(redis.connect_timeout, Duration::from_secs(1));
     assert_eq!(redis.response_timeout, Duration::from_millis(500));
     assert_eq!(redis.pool_timeout, Duration::from_millis(200));

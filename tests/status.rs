@@ -250,3 +250,35 @@ async fn a_disk_spool_reports_quarantined_files_in_the_status() {
     assert!(spool.alert);
     assert!(dir.path().join("quarantine").exists());
 }
+
+/// A status read back from YAML whose `since` names a year beyond what a
+/// timestamp holds is an error, never a panic (debug) or a wrapped, wrong
+/// time (release); every year that fits reads back as it was written.
+#[test]
+fn since_with_a_huge_year_is_refused() {
+    let yaml = serde_norway::to_string(&degraded()).unwrap();
+    let written = "2025-01-01T00:01:30.250Z";
+    assert!(yaml.contains(written), "{yaml}");
+    for year in [
+        "586913",
+        "999999999999",
+        "9223372036854775807",
+        "99999999999999999999",
+    ] {
+        let bad = yaml.replace(written, &format!("{year}-01-01T00:00:00.000Z"));
+        let got = std::panic::catch_unwind(|| serde_norway::from_str::<HealthStatus>(&bad));
+        match got {
+            Err(_) => panic!("year {year}: parsing panicked"),
+            Ok(Ok(s)) => panic!(
+                "year {year}: accepted as {:?}",
+                s.breaker.and_then(|b| b.since)
+            ),
+            Ok(Err(e)) => assert!(e.to_string().contains("invalid RFC 3339"), "{e}"),
+        }
+    }
+    for year in ["1970", "2025", "9999", "10000", "586000"] {
+        let good = yaml.replace(written, &format!("{year}-03-04T05:06:07.089Z"));
+        let s: HealthStatus = serde_norway::from_str(&good).unwrap();
+        assert_eq!(serde_norway::to_string(&s).unwrap(), good, "year {year}");
+    }
+}

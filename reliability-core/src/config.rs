@@ -37,6 +37,9 @@
 //! `250ms`, `1m`, `7d`, `1h30m`. Units: `ns`, `us` (or `µs`), `ms`, `s`, `m`,
 //! `h`, `d`. See [`duration`].
 //!
+//! Every duration is at most [`MAX_DURATION`] (36,500 days): a longer one
+//! would overflow a deadline computed from it.
+//!
 //! # Secrets
 //!
 //! The Redis password is a [`Secret`] and URLs are [`RedisUrl`]s: neither
@@ -278,7 +281,10 @@ pub struct RedisUrl(String);
 
 impl RedisUrl {
     /// Checks `url`: scheme `redis://` or `rediss://`, a host, an optional
-    /// numeric port, an optional numeric database path.
+    /// numeric port, an optional database path (0 to [`MAX_REDIS_DB`]), no
+    /// whitespace or control character anywhere (percent-encode them in
+    /// credentials): a URL ends at whitespace in free text, so what follows
+    /// would escape redaction.
     ///
     /// # Errors
     /// [`Error::Config`] with field `url`; callers that know the full path
@@ -302,6 +308,12 @@ impl RedisUrl {
     /// The URL with credentials replaced by `***`.
     pub fn redacted(&self) -> String {
         crate::status::redact(&self.0)
+    }
+
+    /// The database number of the URL's path (`redis://h:6379/3` is 3),
+    /// `None` without one.
+    pub fn database(&self) -> Option<u32> {
+        url_database(&self.0).ok().flatten()
     }
 
     /// `true` if the password part is the `***` placeholder (read back from
@@ -360,6 +372,11 @@ fn check_redis_url(url: &str) -> std::result::Result<(), String> {
         .strip_prefix("redis://")
         .or_else(|| url.strip_prefix("rediss://"))
         .ok_or_else(|| "must start with redis:// or rediss://".to_string())?;
+    if url.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(
+            "must not contain whitespace or control characters (percent-encode them)".into(),
+        );
+    }
     // The credentials end at the last '@' (a password may hold '/', '?' or
     // '#' unencoded); the host ends at the next '/', '?' or '#'. Messages
     // below never quote anything before that '@'.
@@ -370,10 +387,7 @@ fn check_redis_url(url: &str) -> std::result::Result<(), String> {
     let end = after_userinfo
         .find(['/', '?', '#'])
         .unwrap_or(after_userinfo.len());
-    let (host_port, tail) = after_userinfo.split_at(end);
-    if host_port.chars().any(char::is_whitespace) {
-        return Err("host must not contain whitespace".into());
-    }
+    let host_port = &after_userinfo[..end];
     let (host, port) = if let Some(v6) = host_port.strip_prefix('[') {
         let close = v6
             .find(']')
@@ -400,12 +414,30 @@ fn check_redis_url(url: &str) -> std::result::Result<(), String> {
             _ => return Err(format!("port {p:?} is not a number in 1..=65535")),
         }
     }
+    url_database(url)?;
+    Ok(())
+}
+
+/// The database number in the path of a `redis://` URL (checked by
+/// [`check_redis_url`] otherwise), `None` without one.
+fn url_database(url: &str) -> std::result::Result<Option<u32>, String> {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let after_userinfo = rest.rfind('@').map_or(rest, |at| &rest[at + 1..]);
+    let tail = after_userinfo
+        .find(['/', '?', '#'])
+        .map_or("", |i| &after_userinfo[i..]);
     let path = tail.split(['?', '#']).next().unwrap_or("");
     let db = path.strip_prefix('/').unwrap_or(path);
-    if !db.is_empty() && !db.bytes().all(|b| b.is_ascii_digit()) {
+    if db.is_empty() {
+        return Ok(None);
+    }
+    if !db.bytes().all(|b| b.is_ascii_digit()) {
         return Err("the path must be empty or a database number".into());
     }
-    Ok(())
+    match db.parse::<u32>() {
+        Ok(n) if n <= MAX_REDIS_DB => Ok(Some(n)),
+        _ => Err(format!("database {db} is outside 0..={MAX_REDIS_DB}")),
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -658,6 +690,15 @@ pub const DEFAULT_KEY_PREFIX: &str = "reliability";
 pub const DEFAULT_NAMESPACE: &str = "default";
 /// Highest database number of a standalone or Sentinel Redis.
 pub const MAX_REDIS_DB: u32 = 15;
+/// The longest duration a setting takes: 36,500 days (100 years). Longer
+/// ones would overflow the deadlines computed from them.
+pub const MAX_DURATION: Duration = Duration::from_secs(36_500 * 86_400);
+/// The largest `spoolLimits.maxRecordBytes`: 512 MiB, the largest string
+/// Redis stores by default (`proto-max-bulk-len`).
+pub const MAX_RECORD_BYTES: u64 = 512 * 1024 * 1024;
+/// Default bytes of stored results the memory idempotency store holds:
+/// 128 MiB.
+pub const DEFAULT_MEMORY_MAX_BYTES: u64 = 128 * 1024 * 1024;
 
 /// The whole `reliability:` section.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -718,8 +759,12 @@ pub struct RedisConfig {
     /// A Redis Cluster.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cluster: Option<ClusterConfig>,
-    /// Database number, 0 to 15; must be 0 for a cluster. Default 0.
-    pub db: u32,
+    /// Database number, 0 to 15; must be 0 for a cluster. Unset, the
+    /// number in the URL's path applies (`redis://h:6379/3`), else 0; when
+    /// both are given they must agree. See
+    /// [`database`](RedisConfig::database).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub db: Option<u32>,
     /// ACL user name (overrides one in the URL).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub username: Option<String>,
@@ -783,7 +828,7 @@ impl Default for RedisConfig {
             url: None,
             sentinel: None,
             cluster: None,
-            db: 0,
+            db: None,
             username: None,
             password: None,
             tls: None,
@@ -824,6 +869,34 @@ impl RedisConfig {
             cluster: Some(ClusterConfig { urls }),
             ..Self::default()
         }
+    }
+
+    /// The database the backends use: [`db`](Self::db) if set, else the
+    /// database of the standalone `url`'s path, else 0.
+    ///
+    /// # Errors
+    /// [`Error::Config`] naming `reliability.redis.db` when `db` and the
+    /// URL's database differ, or the database is above [`MAX_REDIS_DB`].
+    pub fn database(&self) -> Result<u32> {
+        let field = "reliability.redis.db";
+        let path = self.url.as_ref().and_then(RedisUrl::database);
+        let db = match (self.db, path) {
+            (Some(db), Some(p)) if db != p => {
+                return Err(Error::config(
+                    field,
+                    format!("{db} disagrees with the database {p} of url; set one"),
+                ))
+            }
+            (Some(db), _) => db,
+            (None, p) => p.unwrap_or(0),
+        };
+        if db > MAX_REDIS_DB {
+            return Err(Error::config(
+                field,
+                format!("{db} is outside 0..={MAX_REDIS_DB}"),
+            ));
+        }
+        Ok(db)
     }
 }
 
@@ -939,6 +1012,10 @@ pub struct MemoryConfig {
     pub max_entries: u64,
     /// Rate-limiter keys held at most. Default 100,000.
     pub max_keys: u64,
+    /// Bytes the idempotency entries hold at most, stored results and keys
+    /// included. Default 128 MiB. With both bounds an entry counts for at
+    /// least `maxBytes / maxEntries` bytes, so neither is exceeded.
+    pub max_bytes: u64,
 }
 
 impl Default for MemoryConfig {
@@ -946,6 +1023,7 @@ impl Default for MemoryConfig {
         Self {
             max_entries: DEFAULT_MAX_ENTRIES,
             max_keys: DEFAULT_MAX_KEYS,
+            max_bytes: DEFAULT_MEMORY_MAX_BYTES,
         }
     }
 }
@@ -1037,10 +1115,10 @@ impl RetryConfig {
             ));
         }
         for (i, d) in self.schedule.iter().enumerate() {
-            if d.is_zero() {
+            if let Some(why) = duration_problem(*d) {
                 p.push(Error::config(
                     format!("reliability.retry.schedule[{i}]"),
-                    "must be greater than zero",
+                    why,
                 ));
             }
         }
@@ -1201,8 +1279,45 @@ impl ReliabilityConfig {
     /// when valid. Each is an [`Error::Config`].
     pub fn problems(&self) -> Vec<Error> {
         let mut p = Vec::new();
-        let c = |field: &str, msg: String| Error::config(format!("reliability.{field}"), msg);
+        self.check_keys_and_backends(&mut p);
+        match &self.redis {
+            None if self.profile != Profile::Baseline => p.push(config_error(
+                "redis",
+                "profile redis-enabled needs a redis section (url, sentinel or cluster)",
+            )),
+            None => {}
+            Some(r) => r.check(&mut p),
+        }
+        self.check_disk(&mut p);
+        self.check_memory_and_limits(&mut p);
+        self.retry.check(&mut p);
+        self.fallback.check(&mut p);
+        self.check_spool_wait(&mut p);
+        p
+    }
 
+    /// A spool enqueue runs its script and then `WAIT`, all under the
+    /// fallback deadline: a `WAIT` as long as the deadline would make every
+    /// enqueue behind one lagging replica time out, land on both sides and
+    /// open the breaker shared with the other components.
+    fn check_spool_wait(&self, p: &mut Vec<Error>) {
+        let deadline = self.fallback.deadline;
+        if let Some(r) = self.redis.as_ref().filter(|r| r.spool_wait_replicas > 0) {
+            if r.spool_wait_timeout >= deadline {
+                p.push(config_error(
+                    "redis.spoolWaitTimeout",
+                    format!(
+                        "{:?} is not shorter than fallback.deadline {:?}: the WAIT of every \
+                         spool enqueue runs within that deadline; lower spoolWaitTimeout (leave \
+                         the script time) or raise fallback.deadline",
+                        r.spool_wait_timeout, deadline
+                    ),
+                ));
+            }
+        }
+    }
+
+    fn check_keys_and_backends(&self, p: &mut Vec<Error>) {
         for (field, value) in [
             ("keyPrefix", &self.key_prefix),
             ("namespace", &self.namespace),
@@ -1212,136 +1327,139 @@ impl ReliabilityConfig {
                     Error::InvalidKey { reason, .. } => format!("{value:?}: {reason}"),
                     other => other.to_string(),
                 };
-                p.push(c(field, msg));
+                p.push(config_error(field, msg));
             }
         }
-
-        let baseline = self.profile == Profile::Baseline;
+        if self.profile != Profile::Baseline {
+            return;
+        }
         let needs_redis = |what: &str| {
-            format!("{what} = redis needs profile: redis-enabled (the profile is baseline)")
+            config_error(
+                what,
+                format!("{what} = redis needs profile: redis-enabled (the profile is baseline)"),
+            )
         };
-        if baseline && self.idempotency_backend().is_redis() {
-            p.push(c("idempotencyStore", needs_redis("idempotencyStore")));
+        if self.idempotency_backend().is_redis() {
+            p.push(needs_redis("idempotencyStore"));
         }
-        if baseline && self.rate_limiter_backend().is_redis() {
-            p.push(c("rateLimiter", needs_redis("rateLimiter")));
+        if self.rate_limiter_backend().is_redis() {
+            p.push(needs_redis("rateLimiter"));
         }
-        if baseline && self.spool_backend().is_redis() {
-            p.push(c("spool", needs_redis("spool")));
+        if self.spool_backend().is_redis() {
+            p.push(needs_redis("spool"));
         }
+    }
 
-        match &self.redis {
-            None if !baseline => p.push(c(
-                "redis",
-                "profile redis-enabled needs a redis section (url, sentinel or cluster)".into(),
-            )),
-            None => {}
-            Some(r) => r.check(&mut p),
-        }
-
+    fn check_disk(&self, p: &mut Vec<Error>) {
         if self.spool_backend() == SpoolBackend::Disk && self.disk.is_none() {
-            p.push(c("disk.dir", "spool: disk needs disk.dir".into()));
+            p.push(config_error("disk.dir", "spool: disk needs disk.dir"));
         }
-        if let Some(d) = &self.disk {
-            if d.dir.as_os_str().is_empty() {
-                p.push(c("disk.dir", "must not be empty".into()));
-            }
-            if d.max_bytes == Some(0) {
-                p.push(c("disk.maxBytes", "must be greater than zero".into()));
-            }
-            if d.max_records == Some(0) {
-                p.push(c("disk.maxRecords", "must be greater than zero".into()));
-            }
-            if d.fsync == FsyncPolicy::Interval && d.fsync_interval.is_zero() {
-                p.push(c(
-                    "disk.fsyncInterval",
-                    "must be greater than zero with fsync: interval".into(),
-                ));
+        let Some(d) = &self.disk else { return };
+        if d.dir.as_os_str().is_empty() {
+            p.push(config_error("disk.dir", "must not be empty"));
+        }
+        match d.max_bytes {
+            Some(0) => p.push(config_error("disk.maxBytes", "must be greater than zero")),
+            Some(b) if b < self.spool_limits.max_record_bytes => p.push(config_error(
+                "disk.maxBytes",
+                format!(
+                    "{b} is below spoolLimits.maxRecordBytes {}: a record of that size could never be stored",
+                    self.spool_limits.max_record_bytes
+                ),
+            )),
+            _ => {}
+        }
+        if d.max_records == Some(0) {
+            p.push(config_error("disk.maxRecords", "must be greater than zero"));
+        }
+        if d.fsync == FsyncPolicy::Interval {
+            if let Some(why) = duration_problem(d.fsync_interval) {
+                p.push(config_error("disk.fsyncInterval", why));
             }
         }
+    }
 
-        if self.memory.max_entries == 0 {
-            p.push(c("memory.maxEntries", "must be greater than zero".into()));
-        }
-        if self.memory.max_keys == 0 {
-            p.push(c("memory.maxKeys", "must be greater than zero".into()));
-        }
-
+    fn check_memory_and_limits(&self, p: &mut Vec<Error>) {
+        let m = &self.memory;
         let l = &self.spool_limits;
-        if l.max_records == 0 {
-            p.push(c(
-                "spoolLimits.maxRecords",
-                "must be greater than zero".into(),
-            ));
+        for (field, n) in [
+            ("memory.maxEntries", m.max_entries),
+            ("memory.maxKeys", m.max_keys),
+            ("memory.maxBytes", m.max_bytes),
+            ("spoolLimits.maxRecords", l.max_records),
+            ("spoolLimits.maxBytes", l.max_bytes),
+            ("spoolLimits.maxRecordBytes", l.max_record_bytes),
+        ] {
+            if n == 0 {
+                p.push(config_error(field, "must be greater than zero"));
+            }
         }
-        if l.max_bytes == 0 {
-            p.push(c(
-                "spoolLimits.maxBytes",
-                "must be greater than zero".into(),
-            ));
-        }
-        if l.max_record_bytes == 0 {
-            p.push(c(
+        if l.max_record_bytes > MAX_RECORD_BYTES {
+            p.push(config_error(
                 "spoolLimits.maxRecordBytes",
-                "must be greater than zero".into(),
+                format!(
+                    "{} exceeds {MAX_RECORD_BYTES} (512 MiB)",
+                    l.max_record_bytes
+                ),
             ));
         } else if l.max_record_bytes > l.max_bytes {
-            p.push(c(
+            p.push(config_error(
                 "spoolLimits.maxRecordBytes",
                 format!("{} exceeds maxBytes {}", l.max_record_bytes, l.max_bytes),
             ));
         }
-        if l.retention.is_zero() {
-            p.push(c(
-                "spoolLimits.retention",
-                "must be greater than zero".into(),
-            ));
+        if let Some(why) = duration_problem(l.retention) {
+            p.push(config_error("spoolLimits.retention", why));
         }
+    }
+}
 
-        self.retry.check(&mut p);
+/// An [`Error::Config`] for `reliability.{field}`.
+fn config_error(field: &str, msg: impl Into<String>) -> Error {
+    Error::config(format!("reliability.{field}"), msg)
+}
 
-        let f = &self.fallback;
-        if f.deadline.is_zero() {
-            p.push(c("fallback.deadline", "must be greater than zero".into()));
-        }
-        if let Some(r) = self.redis.as_ref().filter(|r| r.spool_wait_replicas > 0) {
-            // A spool enqueue runs its script and then `WAIT`, all under the
-            // deadline: a `WAIT` as long as the deadline would make every
-            // enqueue behind one lagging replica time out, land on both
-            // sides and open the breaker shared with the other components.
-            if r.spool_wait_timeout >= f.deadline {
-                p.push(c(
-                    "redis.spoolWaitTimeout",
-                    format!(
-                        "{:?} is not shorter than fallback.deadline {:?}: the WAIT of every \
-                         spool enqueue runs within that deadline; lower spoolWaitTimeout (leave \
-                         the script time) or raise fallback.deadline",
-                        r.spool_wait_timeout, f.deadline
-                    ),
-                ));
+/// What is wrong with a duration setting: zero, or above [`MAX_DURATION`].
+fn duration_problem(d: Duration) -> Option<&'static str> {
+    if d.is_zero() {
+        Some("must be greater than zero")
+    } else if d > MAX_DURATION {
+        Some("must be at most 36500d")
+    } else {
+        None
+    }
+}
+
+impl FallbackConfig {
+    fn check(&self, p: &mut Vec<Error>) {
+        for (field, d) in [
+            ("fallback.deadline", self.deadline),
+            ("fallback.probeInterval", self.probe_interval),
+        ] {
+            if let Some(why) = duration_problem(d) {
+                p.push(config_error(field, why));
             }
         }
-        if f.failure_threshold == 0 {
-            p.push(c("fallback.failureThreshold", "must be at least 1".into()));
-        }
-        if f.probe_interval.is_zero() {
-            p.push(c(
-                "fallback.probeInterval",
-                "must be greater than zero".into(),
+        if self.failure_threshold == 0 {
+            p.push(config_error(
+                "fallback.failureThreshold",
+                "must be at least 1",
             ));
         }
-        if f.success_threshold == 0 {
-            p.push(c("fallback.successThreshold", "must be at least 1".into()));
+        if self.success_threshold == 0 {
+            p.push(config_error(
+                "fallback.successThreshold",
+                "must be at least 1",
+            ));
         }
-        if f.replicas == 0 {
-            let why = if f.rate_limit_policy == RateLimitFallback::LocalShare {
+        if self.replicas == 0 {
+            let why = if self.rate_limit_policy == RateLimitFallback::LocalShare {
                 "must be at least 1 with rateLimitPolicy: localShare"
             } else {
                 "must be at least 1"
             };
-            p.push(c("fallback.replicas", why.into()));
+            p.push(config_error("fallback.replicas", why));
         }
-        p
     }
 }
 
@@ -1389,6 +1507,12 @@ impl RedisConfig {
                         "holds the redaction placeholder *** as password",
                     ));
                 }
+                if u.database().is_some_and(|db| db != 0) {
+                    p.push(c(
+                        &format!("sentinel.urls[{i}]"),
+                        "a sentinel URL's database is not the master's; set reliability.redis.db",
+                    ));
+                }
             }
         }
         if let Some(cl) = &self.cluster {
@@ -1402,8 +1526,14 @@ impl RedisConfig {
                         "holds the redaction placeholder *** as password",
                     ));
                 }
+                if u.database().is_some_and(|db| db != 0) {
+                    p.push(c(
+                        &format!("cluster.urls[{i}]"),
+                        "a cluster has only database 0",
+                    ));
+                }
             }
-            if self.db != 0 {
+            if self.db.is_some_and(|db| db != 0) {
                 p.push(c("db", "must be 0 for a cluster"));
             }
             if self.spool_wait_replicas > 0 {
@@ -1413,11 +1543,8 @@ impl RedisConfig {
                 ));
             }
         }
-        if self.db > MAX_REDIS_DB {
-            p.push(c(
-                "db",
-                &format!("{} is outside 0..={MAX_REDIS_DB}", self.db),
-            ));
+        if let Err(e) = self.database() {
+            p.push(e);
         }
         if self.username.as_deref() == Some("") {
             p.push(c("username", "must not be empty"));
@@ -1441,8 +1568,8 @@ impl RedisConfig {
             ("poolTimeout", self.pool_timeout),
             ("spoolWaitTimeout", self.spool_wait_timeout),
         ] {
-            if d.is_zero() {
-                p.push(c(field, "must be greater than zero"));
+            if let Some(why) = duration_problem(d) {
+                p.push(c(field, why));
             }
         }
         if self.pool_size == 0 {

@@ -7,7 +7,10 @@
 //! Ids are validated: empty ids are refused; ids up to [`MAX_VERBATIM_ID_BYTES`]
 //! are used as given; longer ids up to [`MAX_ID_BYTES`] are replaced by a
 //! SHA-256 digest (`#` + 64 hex digits) so backend keys stay short; longer
-//! ones are refused with [`Error::TooLarge`].
+//! ones are refused with [`Error::TooLarge`]. An id that starts with `#` is
+//! hashed whatever its length, so no id used as given looks like a hashed
+//! one: two distinct ids never share a key (one caller cannot pass another's
+//! digest to reach its entry).
 //!
 //! ```
 //! use reliability_core::{KeySpace, Primitive};
@@ -33,6 +36,9 @@ pub const MAX_SEGMENT_BYTES: usize = 64;
 /// Maximum length of a spool record id (ids are never hashed: they travel
 /// with the record to the consumer).
 pub const MAX_RECORD_ID_BYTES: usize = 128;
+
+/// The first character of a hashed id, and of no id used as given.
+const HASHED_MARK: char = '#';
 
 /// Which primitive a key belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -134,7 +140,9 @@ pub fn validate_segment(s: &str) -> Result<()> {
 }
 
 /// Validates an id and returns the form stored in keys: the id itself when
-/// at most [`MAX_VERBATIM_ID_BYTES`], else `#` + hex SHA-256 of it.
+/// at most [`MAX_VERBATIM_ID_BYTES`] and not starting with `#`, else `#` +
+/// hex SHA-256 of it. The two forms are disjoint: distinct ids give
+/// distinct forms.
 ///
 /// # Errors
 /// [`Error::InvalidKey`] for an empty id; [`Error::TooLarge`] above
@@ -153,12 +161,12 @@ pub fn normalize_id(id: &str) -> Result<Cow<'_, str>> {
             limit: MAX_ID_BYTES,
         });
     }
-    if id.len() <= MAX_VERBATIM_ID_BYTES {
+    if id.len() <= MAX_VERBATIM_ID_BYTES && !id.starts_with(HASHED_MARK) {
         return Ok(Cow::Borrowed(id));
     }
     let digest = Sha256::digest(id.as_bytes());
     let mut out = String::with_capacity(65);
-    out.push('#');
+    out.push(HASHED_MARK);
     for b in digest {
         let _ = write!(out, "{b:02x}");
     }
@@ -217,6 +225,7 @@ mod tests {
                 .len(),
             MAX_VERBATIM_ID_BYTES
         );
+        assert_eq!(normalize_id("#1").unwrap().len(), 65, "# ids are hashed");
         assert!(matches!(
             normalize_id(&"z".repeat(MAX_ID_BYTES + 1)),
             Err(Error::TooLarge { what: "key", .. })

@@ -36,12 +36,51 @@ use async_trait::async_trait;
 use crate::capability::Capabilities;
 use crate::error::{Error, Result};
 
-/// A GCRA quota: one cell every `emission_interval`, up to `burst` at once.
+/// The largest window `T x burst` of a [`Quota`], in microseconds: 2^50 µs,
+/// about 35.7 years.
+///
+/// Every backend computes the same decisions below it; the Redis backend
+/// computes in Lua doubles, exact below 2^53, and its largest intermediate
+/// value is `now + 2 x window`, which stays below 2^53 with this cap until
+/// the year 2184.
+pub const MAX_WINDOW_US: u64 = 1 << 50;
+
+/// A GCRA quota: one cell every `emission_interval`, up to `burst` at once,
+/// with a window `emission_interval x burst` of at most [`MAX_WINDOW_US`].
+///
+/// Deserialized (`{emissionIntervalUs, burst}`) through the same checks as
+/// [`from_micros`](Self::from_micros): an invalid quota is an error naming
+/// the field, never a value.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", try_from = "QuotaFields")]
 pub struct Quota {
     emission_interval_us: u64,
     burst: u32,
+}
+
+/// The serialized fields of a [`Quota`], checked on the way in.
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct QuotaFields {
+    emission_interval_us: u64,
+    burst: u32,
+}
+
+impl TryFrom<QuotaFields> for Quota {
+    type Error = String;
+
+    fn try_from(f: QuotaFields) -> std::result::Result<Self, String> {
+        Quota::from_micros(f.emission_interval_us, f.burst).map_err(|e| match e {
+            Error::InvalidArgument { name, reason } => {
+                let field = match name {
+                    "emission_interval" => "emissionIntervalUs",
+                    other => other,
+                };
+                format!("{field}: {reason}")
+            }
+            other => other.to_string(),
+        })
+    }
 }
 
 impl Quota {
@@ -67,19 +106,26 @@ impl Quota {
     /// Like [`new`](Self::new) with the interval in microseconds.
     ///
     /// # Errors
-    /// [`Error::InvalidArgument`] for a zero interval or burst.
-    pub const fn from_micros(emission_interval_us: u64, burst: u32) -> Result<Self> {
+    /// [`Error::InvalidArgument`] for a zero interval or burst, or a window
+    /// `interval x burst` above [`MAX_WINDOW_US`].
+    pub fn from_micros(emission_interval_us: u64, burst: u32) -> Result<Self> {
         if emission_interval_us == 0 {
-            return Err(Error::InvalidArgument {
-                name: "emission_interval",
-                reason: String::new(),
-            });
+            return Err(Error::invalid_argument(
+                "emission_interval",
+                "must be at least 1 us",
+            ));
         }
         if burst == 0 {
-            return Err(Error::InvalidArgument {
-                name: "burst",
-                reason: String::new(),
-            });
+            return Err(Error::invalid_argument("burst", "must be at least 1"));
+        }
+        if u128::from(emission_interval_us) * u128::from(burst) > u128::from(MAX_WINDOW_US) {
+            return Err(Error::invalid_argument(
+                "quota",
+                format!(
+                    "the window emission interval x burst ({emission_interval_us} us x {burst}) \
+                     exceeds {MAX_WINDOW_US} us (2^50, about 35 years)"
+                ),
+            ));
         }
         Ok(Self {
             emission_interval_us,
@@ -156,12 +202,17 @@ impl Quota {
 
     /// A quota with the same burst-to-rate shape divided among `replicas`
     /// (for a local share of a shared limit): the interval is multiplied and
-    /// the burst divided, each at least 1.
+    /// the burst divided, each at least 1, the window still at most
+    /// [`MAX_WINDOW_US`].
     pub fn share(self, replicas: u32) -> Self {
         let r = replicas.max(1);
+        let burst = (self.burst / r).max(1);
         Self {
-            emission_interval_us: self.emission_interval_us.saturating_mul(u64::from(r)),
-            burst: (self.burst / r).max(1),
+            emission_interval_us: self
+                .emission_interval_us
+                .saturating_mul(u64::from(r))
+                .min(MAX_WINDOW_US / u64::from(burst)),
+            burst,
         }
     }
 }

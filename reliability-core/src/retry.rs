@@ -20,12 +20,38 @@ use std::time::Duration;
 use crate::error::{Error, Result};
 
 /// A fixed schedule of delays with bounded, symmetric jitter.
+///
+/// Deserialized through the same checks as [`new`](Self::new): an invalid
+/// policy is an error naming the field, never a value.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", try_from = "RetryFields")]
 pub struct RetryPolicy {
     schedule: Vec<Duration>,
     jitter: f64,
 }
+
+/// The serialized fields of a [`RetryPolicy`], checked on the way in.
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RetryFields {
+    schedule: Vec<Duration>,
+    jitter: f64,
+}
+
+impl TryFrom<RetryFields> for RetryPolicy {
+    type Error = String;
+
+    fn try_from(f: RetryFields) -> std::result::Result<Self, String> {
+        RetryPolicy::new(f.schedule, f.jitter).map_err(|e| match e {
+            Error::InvalidArgument { name, reason } => format!("{name}: {reason}"),
+            other => other.to_string(),
+        })
+    }
+}
+
+/// The longest step of a schedule: 36,500 days (100 years), so a delay
+/// with its jitter always fits a deadline.
+pub const MAX_STEP: Duration = Duration::from_secs(36_500 * 86_400);
 
 impl Default for RetryPolicy {
     fn default() -> Self {
@@ -50,19 +76,29 @@ pub const DEFAULT_SCHEDULE: [Duration; 6] = [
 pub const DEFAULT_JITTER: f64 = 0.1;
 
 impl RetryPolicy {
-    /// A policy with `schedule` and a jitter fraction in `[0, 1)`.
+    /// A policy with `schedule` (steps greater than zero, at most
+    /// [`MAX_STEP`]) and a jitter fraction in `[0, 1)`.
     ///
     /// # Errors
-    /// [`Error::InvalidArgument`] if the jitter is out of range or a step is
-    /// zero.
+    /// [`Error::InvalidArgument`] if the jitter is out of range (or not a
+    /// number) or a step is zero or above [`MAX_STEP`].
     pub fn new(schedule: Vec<Duration>, jitter: f64) -> Result<Self> {
         if !(0.0..1.0).contains(&jitter) {
-            return Err(Error::invalid_argument("jitter", "must be in [0, 1)"));
+            return Err(Error::invalid_argument(
+                "jitter",
+                format!("{jitter} is outside [0, 1)"),
+            ));
         }
-        if schedule.iter().any(Duration::is_zero) {
+        if let Some(i) = schedule.iter().position(Duration::is_zero) {
             return Err(Error::invalid_argument(
                 "schedule",
-                "steps must be greater than zero",
+                format!("step {i} must be greater than zero"),
+            ));
+        }
+        if let Some(i) = schedule.iter().position(|d| *d > MAX_STEP) {
+            return Err(Error::invalid_argument(
+                "schedule",
+                format!("step {i} is longer than 36500d"),
             ));
         }
         Ok(Self { schedule, jitter })

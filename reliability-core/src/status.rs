@@ -73,6 +73,18 @@ const SECRET_KEYS: [&str; 6] = [
 /// every `password=`, `passwd=`, `pwd=`, `secret=`, `token=`,
 /// `requirepass=` (also with `:`), case-insensitively.
 ///
+/// A URL in free text ends at the first whitespace or control character,
+/// and its credentials at the last `@` before that, so a password may hold
+/// any other character, `@ / ? # ; , ( ) ' "` included ([`RedisUrl`]
+/// refuses whitespace and control characters in a URL: they must be
+/// percent-encoded). An unquoted `key=value` value ends at whitespace, a
+/// control character or `&` (and before a `)` that closes a parenthesis
+/// opened before the key); a quoted one at its closing quote (a quote
+/// escaped with `\` does not close it). Redaction errs on the side of
+/// hiding: text glued to a secret without a space is hidden with it.
+///
+/// [`RedisUrl`]: crate::config::RedisUrl
+///
 /// ```
 /// use reliability_core::status::redact;
 ///
@@ -80,15 +92,36 @@ const SECRET_KEYS: [&str; 6] = [
 ///     redact("connect redis://app:hunter2@10.0.0.5:6379 failed"),
 ///     "connect redis://app:***@10.0.0.5:6379 failed"
 /// );
+/// assert_eq!(redact("redis://app:p;ss@h:6379/0"), "redis://app:***@h:6379/0");
 /// assert_eq!(redact("auth password=hunter2&db=0"), "auth password=***&db=0");
 /// assert_eq!(redact("redis://10.0.0.5"), "redis://10.0.0.5");
 /// ```
 pub fn redact(text: &str) -> String {
+    // One pass can make a new credential-like shape (a `password=` inside
+    // a URL's user name takes the URL's `@host` with its value); passes
+    // repeat until the text no longer changes, so redacting is idempotent
+    // (a status read back keeps its errors as they were written).
+    let mut out = redact_once(text);
+    for _ in 0..MAX_PASSES {
+        let next = redact_once(&out);
+        if next == out {
+            break;
+        }
+        out = next;
+    }
+    out
+}
+
+/// Passes after the first [`redact`] makes at most.
+const MAX_PASSES: usize = 8;
+
+fn redact_once(text: &str) -> String {
     redact_key_values(&redact_userinfo(text))
 }
 
-fn is_token_end(c: char) -> bool {
-    c.is_whitespace() || matches!(c, '"' | '\'' | '<' | '>' | '`' | ',' | ';' | '(' | ')')
+/// Where a URL or an unquoted value ends in free text.
+fn is_text_break(c: char) -> bool {
+    c.is_whitespace() || c.is_control()
 }
 
 fn redact_userinfo(text: &str) -> String {
@@ -98,11 +131,13 @@ fn redact_userinfo(text: &str) -> String {
         let start = i + 3;
         out.push_str(&rest[..start]);
         let after = &rest[start..];
-        let token_end = after.find(is_token_end).unwrap_or(after.len());
+        let token_end = after.find(is_text_break).unwrap_or(after.len());
         let token = &after[..token_end];
-        // The authority ends at the first '/', '?' or '#' after the last '@'
-        // (passwords may hold those characters unencoded, hosts may not).
+        // The credentials end at the last '@' of the token: a password may
+        // hold '@', '/', '?', '#' and every delimiter but whitespace.
         match token.rfind('@') {
+            // `scheme://@host`: no credentials to hide.
+            Some(0) => out.push_str(token),
             Some(at) => {
                 let userinfo = &token[..at];
                 match userinfo.find(':') {
@@ -122,55 +157,86 @@ fn redact_userinfo(text: &str) -> String {
     out
 }
 
+/// The end of the quoted value opened by `quote` in `text` at `open`: the
+/// index of the closing quote (one escaped by a backslash does not count), or
+/// `text.len()`.
+fn closing_quote(text: &str, open: usize, quote: u8) -> usize {
+    let bytes = text.as_bytes();
+    let mut k = open + 1;
+    while k < bytes.len() {
+        match bytes[k] {
+            b'\\' => k += 2,
+            b if b == quote => return k,
+            _ => k += 1,
+        }
+    }
+    bytes.len()
+}
+
+/// The byte index of a secret key's value in `lower` at `i`, if `key`
+/// stands there followed by `=` or `:` (spaces allowed around them).
+fn value_start(lower: &[u8], i: usize, key: &str) -> Option<usize> {
+    if !lower.get(i..)?.starts_with(key.as_bytes()) {
+        return None;
+    }
+    let skip_spaces = |mut j: usize| {
+        while lower.get(j) == Some(&b' ') {
+            j += 1;
+        }
+        j
+    };
+    let j = skip_spaces(i + key.len());
+    matches!(lower.get(j), Some(b'=' | b':')).then(|| skip_spaces(j + 1))
+}
+
+/// The end of the unquoted value at `j` of the key at `i`: the first
+/// whitespace, control character or `&`, less one `)` that closes a `(`
+/// left open before the key (`(password=x)`): never a character of the
+/// value itself when the text's parentheses balance.
+fn value_end(text: &str, i: usize, j: usize) -> usize {
+    let end = text[j..]
+        .find(|c: char| is_text_break(c) || c == '&')
+        .map_or(text.len(), |k| j + k);
+    let value = &text[j..end];
+    let open_before = text[..i].matches('(').count() > text[..i].matches(')').count();
+    let unbalanced = value.matches(')').count() > value.matches('(').count();
+    if open_before && unbalanced && value.ends_with(')') {
+        end - 1
+    } else {
+        end
+    }
+}
+
 fn redact_key_values(text: &str) -> String {
     let lower = text.to_ascii_lowercase();
-    let bytes = text.as_bytes();
+    let lower = lower.as_bytes();
     let mut out = String::with_capacity(text.len());
     let mut copied = 0;
     let mut i = 0;
-    while i < bytes.len() {
-        let Some(key) = SECRET_KEYS
+    while i < lower.len() {
+        let Some((key, j)) = SECRET_KEYS
             .iter()
-            .find(|k| lower.as_bytes()[i..].starts_with(k.as_bytes()))
+            .find_map(|k| value_start(lower, i, k).map(|j| (k, j)))
         else {
             i += 1;
             continue;
         };
-        let mut j = i + key.len();
-        while j < bytes.len() && bytes[j] == b' ' {
-            j += 1;
-        }
-        if j >= bytes.len() || !matches!(bytes[j], b'=' | b':') {
-            i += key.len();
+        if let Some(&q @ (b'"' | b'\'')) = lower.get(j) {
+            // Keep the quotes, hide what is between them.
+            let close = closing_quote(text, j, q);
+            out.push_str(&text[copied..=j]);
+            out.push_str(REDACTED);
+            copied = close;
+            i = close.max(j + 1);
             continue;
         }
-        j += 1;
-        while j < bytes.len() && bytes[j] == b' ' {
-            j += 1;
-        }
-        let value_start = j;
-        let value_end = match bytes.get(j) {
-            Some(&q @ (b'"' | b'\'')) => {
-                let close = text[j + 1..]
-                    .find(q as char)
-                    .map_or(bytes.len(), |k| j + 1 + k);
-                // Keep the quotes, hide what is between them.
-                out.push_str(&text[copied..=j]);
-                out.push_str(REDACTED);
-                copied = close;
-                i = close.max(j + 1);
-                continue;
-            }
-            _ => text[j..]
-                .find(|c: char| is_token_end(c) || c == '&')
-                .map_or(bytes.len(), |k| j + k),
-        };
-        if value_end > value_start {
-            out.push_str(&text[copied..value_start]);
+        let end = value_end(text, i, j);
+        if end > j {
+            out.push_str(&text[copied..j]);
             out.push_str(REDACTED);
-            copied = value_end;
+            copied = end;
         }
-        i = value_end.max(i + key.len());
+        i = end.max(i + key.len());
     }
     out.push_str(&text[copied..]);
     out
@@ -712,6 +778,9 @@ mod rfc3339 {
     use crate::clock::Timestamp;
 
     const MICROS_PER_DAY: u64 = 86_400_000_000;
+    /// Above any year a `u64` of microseconds since 1970 reaches (586,912),
+    /// below any that overflows the day count.
+    const MAX_YEAR: i64 = 1_000_000;
 
     pub(super) fn serialize<S: Serializer>(t: &Option<Timestamp>, s: S) -> Result<S::Ok, S::Error> {
         match t {
@@ -747,7 +816,7 @@ mod rfc3339 {
         )
     }
 
-    /// Reads `YYYY-MM-DDTHH:MM:SS[.fraction]Z`.
+    /// Reads `YYYY-MM-DDTHH:MM:SS[.fraction]Z`, to the millisecond.
     pub(super) fn parse(s: &str) -> Option<Timestamp> {
         let s = s.strip_suffix('Z').or_else(|| s.strip_suffix('z'))?;
         let (date, time) = s.split_once(['T', 't'])?;
@@ -769,14 +838,33 @@ mod rfc3339 {
         if !frac.bytes().all(|b| b.is_ascii_digit()) {
             return None;
         }
-        let mut micros: u64 = 0;
-        for (i, b) in frac.bytes().take(6).enumerate() {
-            micros += u64::from(b - b'0') * 10u64.pow(5 - i as u32);
+        // Milliseconds, the precision `format` writes: a finer fraction is
+        // dropped, so what is read writes back as it reads.
+        let millis = frac
+            .bytes()
+            .chain(std::iter::repeat(b'0'))
+            .take(3)
+            .fold(0, |ms, b| ms * 10 + u64::from(b - b'0'));
+        let micros = millis * 1000;
+        // A year a timestamp cannot hold is refused, never wrapped: the
+        // arithmetic below is checked from the year on.
+        if !(0..=MAX_YEAR).contains(&y) || d > days_in_month(y, m) {
+            return None;
         }
         let days = u64::try_from(days_from_civil(y, m, d)).ok()?;
-        Some(Timestamp::from_micros(
-            days * MICROS_PER_DAY + (hh * 3600 + mm * 60 + ss) * 1_000_000 + micros,
-        ))
+        let micros = days
+            .checked_mul(MICROS_PER_DAY)?
+            .checked_add((hh * 3600 + mm * 60 + ss) * 1_000_000 + micros)?;
+        Some(Timestamp::from_micros(micros))
+    }
+
+    fn days_in_month(y: i64, m: u32) -> u32 {
+        match m {
+            4 | 6 | 9 | 11 => 30,
+            2 if y % 4 == 0 && (y % 100 != 0 || y % 400 == 0) => 29,
+            2 => 28,
+            _ => 31,
+        }
     }
 
     // Howard Hinnant's algorithms (proleptic Gregorian calendar).
@@ -818,6 +906,9 @@ mod rfc3339 {
             assert_eq!(parse(&format(t2)), Some(t2));
             assert_eq!(format(Timestamp::ZERO), "1970-01-01T00:00:00.000Z");
             assert_eq!(parse("2025-13-01T00:00:00Z"), None);
+            assert_eq!(parse("2025-02-29T00:00:00Z"), None);
+            assert!(parse("2024-02-29T00:00:00Z").is_some());
+            assert_eq!(parse("99999999999-01-01T00:00:00Z"), None);
         }
     }
 }
@@ -880,6 +971,7 @@ mod tests {
             ("redis://u:p@h:1/0", "redis://u:***@h:1/0"),
             ("rediss://:p@h", "rediss://:***@h"),
             ("redis://token@h", "redis://***@h"),
+            ("redis://@h", "redis://@h"),
             ("x redis://u:p@ss@h y", "x redis://u:***@h y"),
             (
                 "a redis://h b redis://u:q@h2",
@@ -888,7 +980,10 @@ mod tests {
             ("PASSWORD = abc def", "PASSWORD = *** def"),
             ("password: \"a b\" x", "password: \"***\" x"),
             ("?password=abc&db=1", "?password=***&db=1"),
-            ("token=t1, secret=s2", "token=***, secret=***"),
+            ("token=t1, secret=s2", "token=*** secret=***"),
+            ("redis://app:p;ss@h:6379/0", "redis://app:***@h:6379/0"),
+            ("password=p;ss,x y", "password=*** y"),
+            ("password: \"a\\\"b\" x", "password: \"***\" x"),
             ("no secrets here", "no secrets here"),
             ("password", "password"),
             ("password=", "password="),

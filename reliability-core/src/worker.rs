@@ -71,6 +71,8 @@ use tokio::task::{JoinError, JoinHandle, JoinSet};
 use tokio::time::Instant;
 use tracing::{debug, error, info, warn};
 
+use crate::config::MAX_DURATION;
+
 use crate::error::{Error, Result};
 use crate::retry::RetryPolicy;
 use crate::spool::{
@@ -256,11 +258,33 @@ impl WorkerConfig {
         })
     }
 
-    /// Checks that every count and duration is greater than zero.
+    /// Checks that every count and duration is greater than zero, every
+    /// duration at most [`MAX_DURATION`], and the delivery timeout at most
+    /// the lease TTL (a delivery still running when its lease ends would be
+    /// leased, and delivered, a second time).
     ///
     /// # Errors
-    /// [`Error::InvalidArgument`] naming the first field that is zero.
+    /// [`Error::InvalidArgument`] naming the first field that is wrong.
     pub fn validate(&self) -> Result<()> {
+        for (name, d) in [
+            ("lease_ttl", self.lease_ttl),
+            ("poll_interval", self.poll_interval),
+            ("stats_interval", self.stats_interval),
+            (
+                "delivery_timeout",
+                self.delivery_timeout.unwrap_or_default(),
+            ),
+        ] {
+            if d > MAX_DURATION {
+                return Err(Error::invalid_argument(name, "must be at most 36500d"));
+            }
+        }
+        if self.delivery_timeout.is_some_and(|t| t > self.lease_ttl) {
+            return Err(Error::invalid_argument(
+                "delivery_timeout",
+                "must be at most lease_ttl: a delivery outliving its lease is delivered twice",
+            ));
+        }
         let zero =
             |name: &'static str| Err(Error::invalid_argument(name, "must be greater than zero"));
         if self.batch_size == 0 {

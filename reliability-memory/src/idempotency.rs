@@ -13,7 +13,7 @@ use moka::Expiry;
 use reliability_core::idempotency::{
     check_lease_duration, check_result_size, DEFAULT_MAX_RESULT_BYTES,
 };
-use reliability_core::key::normalize_id;
+use reliability_core::key::{normalize_id, MAX_VERBATIM_ID_BYTES};
 use reliability_core::{
     system_clock, Capabilities, Claim, Error, Fingerprint, IdempotencyStore, Lease, LeaseToken,
     Result, SharedClock, Timestamp,
@@ -21,6 +21,13 @@ use reliability_core::{
 
 /// Default [`MemoryIdempotencyStoreBuilder::max_entries`].
 pub const DEFAULT_MAX_ENTRIES: u64 = 100_000;
+
+/// Default [`MemoryIdempotencyStoreBuilder::max_bytes`]: 128 MiB.
+pub const DEFAULT_MAX_BYTES: u64 = 128 * 1024 * 1024;
+
+/// What an entry costs besides its key and result: the entry itself, its
+/// slot in the table and moka's bookkeeping, rounded up.
+const ENTRY_OVERHEAD_BYTES: u64 = 128;
 
 /// The most entries the cache's table is sized for up front (see the
 /// store's Bounds).
@@ -46,6 +53,16 @@ enum State {
 }
 
 impl Entry {
+    /// The bytes the entry holds: its stored result, if any.
+    fn result_bytes(&self) -> u64 {
+        match &self.state {
+            State::Completed {
+                result: Some(r), ..
+            } => r.len() as u64,
+            _ => 0,
+        }
+    }
+
     fn expires_at(&self) -> Timestamp {
         match self.state {
             State::Pending { expires_at, .. } | State::Completed { expires_at, .. } => expires_at,
@@ -157,6 +174,14 @@ impl Expiry<String, Entry> for EntryExpiry {
 /// eviction policy in batches, so the entry count can briefly exceed the cap
 /// (moka#231).
 ///
+/// Entries are bounded by bytes too: at most
+/// [`max_bytes`](MemoryIdempotencyStoreBuilder::max_bytes) (default
+/// [`DEFAULT_MAX_BYTES`]) of keys and stored results, each entry counted
+/// for its key, its result and a fixed overhead, and for at least
+/// `max_bytes / max_entries` bytes, so neither bound is exceeded: 100,000
+/// results of 1 MiB never hold 100 GiB. The same LRU order decides what
+/// goes.
+///
 /// The table is sized for the cap up front (up to 2^20 entries, about
 /// 33 bytes each: 3.3 MB for the default cap): growing it while claims
 /// arrive stalled them (worst claim 10-23 ms around 280-370 k keys, 600 k
@@ -166,6 +191,7 @@ pub struct MemoryIdempotencyStore {
     cache: Cache<String, Entry>,
     clock: SharedClock,
     max_entries: u64,
+    max_bytes: u64,
     max_result_bytes: usize,
 }
 
@@ -189,6 +215,18 @@ impl MemoryIdempotencyStore {
     /// The configured maximum size of a stored result, in bytes.
     pub fn max_result_bytes(&self) -> usize {
         self.max_result_bytes
+    }
+
+    /// The configured maximum bytes of all entries.
+    pub fn max_bytes(&self) -> u64 {
+        self.max_bytes
+    }
+
+    /// The approximate bytes the entries are counted for (see the store's
+    /// Bounds); like [`entry_count`](Self::entry_count), updated in
+    /// batches.
+    pub fn weighted_bytes(&self) -> u64 {
+        self.cache.weighted_size()
     }
 
     /// The approximate number of entries held, including expired ones not
@@ -238,6 +276,7 @@ impl fmt::Debug for MemoryIdempotencyStore {
         f.debug_struct("MemoryIdempotencyStore")
             .field("entries", &self.cache.entry_count())
             .field("max_entries", &self.max_entries)
+            .field("max_bytes", &self.max_bytes)
             .field("max_result_bytes", &self.max_result_bytes)
             .field("clock", &self.clock)
             .finish()
@@ -341,6 +380,7 @@ impl IdempotencyStore for MemoryIdempotencyStore {
 #[must_use]
 pub struct MemoryIdempotencyStoreBuilder {
     max_entries: u64,
+    max_bytes: u64,
     max_result_bytes: usize,
     clock: Option<SharedClock>,
 }
@@ -349,6 +389,7 @@ impl Default for MemoryIdempotencyStoreBuilder {
     fn default() -> Self {
         Self {
             max_entries: DEFAULT_MAX_ENTRIES,
+            max_bytes: DEFAULT_MAX_BYTES,
             max_result_bytes: DEFAULT_MAX_RESULT_BYTES,
             clock: None,
         }
@@ -361,6 +402,15 @@ impl MemoryIdempotencyStoreBuilder {
     /// [`MemoryIdempotencyStore`]'s bounds.
     pub fn max_entries(mut self, n: u64) -> Self {
         self.max_entries = n.max(1);
+        self
+    }
+
+    /// The most bytes the entries hold, keys and stored results included
+    /// (default [`DEFAULT_MAX_BYTES`], at least one largest entry:
+    /// [`max_result_bytes`](Self::max_result_bytes) plus 328 bytes); see
+    /// [`MemoryIdempotencyStore`]'s bounds.
+    pub fn max_bytes(mut self, n: u64) -> Self {
+        self.max_bytes = n.max(1);
         self
     }
 
@@ -384,8 +434,23 @@ impl MemoryIdempotencyStoreBuilder {
     /// Builds the store.
     pub fn build(self) -> MemoryIdempotencyStore {
         let clock = self.clock.unwrap_or_else(system_clock);
+        // One weight bounds both: an entry weighs its bytes, and at least
+        // max_bytes / max_entries, against a capacity of max_bytes.
+        // The capacity holds at least one largest entry, so a completed
+        // entry is never refused on arrival.
+        let largest = (self.max_result_bytes as u64)
+            .saturating_add(MAX_VERBATIM_ID_BYTES as u64)
+            .saturating_add(ENTRY_OVERHEAD_BYTES);
+        let capacity = self.max_bytes.max(largest);
+        let floor = capacity.div_ceil(self.max_entries);
         let cache = Cache::builder()
-            .max_capacity(self.max_entries)
+            .max_capacity(capacity)
+            .weigher(move |key: &String, entry: &Entry| {
+                let bytes = (key.len() as u64)
+                    .saturating_add(entry.result_bytes())
+                    .saturating_add(ENTRY_OVERHEAD_BYTES);
+                u32::try_from(bytes.max(floor)).unwrap_or(u32::MAX)
+            })
             .initial_capacity(usize::try_from(self.max_entries.min(PRESIZE_MAX)).unwrap_or(0))
             .eviction_policy(EvictionPolicy::lru())
             .expire_after(EntryExpiry {
@@ -396,6 +461,7 @@ impl MemoryIdempotencyStoreBuilder {
             cache,
             clock,
             max_entries: self.max_entries,
+            max_bytes: self.max_bytes,
             max_result_bytes: self.max_result_bytes,
         }
     }

@@ -201,15 +201,20 @@ impl fmt::Debug for RedisClient {
 
 impl RedisClient {
     /// Builds the client and checks the server answers `PING`, so a wrong
-    /// address or a failed `AUTH` is reported at start.
+    /// address, a failed `AUTH` or a database the server lacks is reported
+    /// at start.
     ///
     /// # Errors
-    /// [`Error::Config`] for a configuration this client cannot use;
+    /// [`Error::Config`] for a configuration this client cannot use (naming
+    /// `reliability.redis.db` for a database the server does not have);
     /// unavailable errors when Redis cannot be reached; [`Error::Backend`]
     /// ("authentication failed") for wrong credentials.
     pub async fn connect(cfg: &RedisConfig, key_space: KeySpace) -> Result<Self> {
         let client = Self::lazy(cfg, key_space)?;
-        client.ping().await?;
+        client
+            .ping()
+            .await
+            .map_err(|e| missing_database(e, client.inner.db))?;
         tracing::debug!(client = ?client, "redis: connected");
         Ok(client)
     }
@@ -242,7 +247,7 @@ impl RedisClient {
             key_space,
             mode,
             targets,
-            db: cfg.db,
+            db: cfg.database()?,
             pool_timeout: cfg.pool_timeout,
             connect_timeout: cfg.connect_timeout,
             response_timeout: cfg.response_timeout,
@@ -1121,7 +1126,9 @@ impl Manager {
         let conn_config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(cfg.connect_timeout))
             .set_response_timeout(None);
-        let db = i64::from(cfg.db);
+        // The `db` field or else the URL's path: the one database the
+        // configuration names (validation refuses two that differ).
+        let db = i64::from(cfg.database()?);
         match (&cfg.url, &cfg.sentinel, &cfg.cluster) {
             (Some(url), None, None) => {
                 let info = connection_info(url, "reliability.redis.url")?;
@@ -1221,7 +1228,7 @@ impl Manager {
                 if c.urls.is_empty() {
                     return Err(Error::config(field, "must hold at least one node"));
                 }
-                if cfg.db != 0 {
+                if cfg.database()? != 0 {
                     return Err(Error::config(
                         "reliability.redis.db",
                         "must be 0 for a cluster",
@@ -1413,6 +1420,21 @@ fn connection_info(url: &RedisUrl, field: &str) -> Result<redis::ConnectionInfo>
     url.expose()
         .into_connection_info()
         .map_err(|e| config_error(field, &e))
+}
+
+/// The error of a connection whose `SELECT` the server refused: the
+/// database does not exist there (its `databases` setting is lower), a
+/// configuration error naming `db`; any other error as it is.
+fn missing_database(e: Error, db: u32) -> Error {
+    match &e {
+        Error::Backend { message, .. } if message.contains("DB index is out of range") => {
+            Error::config(
+                "reliability.redis.db",
+                format!("database {db} does not exist on the server (see its `databases` setting)"),
+            )
+        }
+        _ => e,
+    }
 }
 
 fn config_error(field: &str, e: &RedisError) -> Error {

@@ -13,9 +13,10 @@
 //! Every replica therefore gets the decisions of one limiter, and the same
 //! decisions as `reliability-memory`'s `LocalRateLimiter`.
 //!
-//! Quotas whose tolerance window `T * burst` exceeds 2^52 µs (142 years)
-//! are refused with [`Error::InvalidArgument`]: beyond that the doubles
-//! would round.
+//! A [`Quota`]'s window `T * burst` is at most
+//! [`MAX_WINDOW_US`] (2^50 µs, 35.7 years): the script's largest value,
+//! `now + 2 * window`, then stays below 2^53 and every double is exact (at
+//! 2^52 some `retry_after` came out 1 µs off the reference).
 //!
 //! ```no_run
 //! # #[allow(dead_code)]
@@ -43,8 +44,9 @@ use crate::error::{unexpected, BACKEND};
 use crate::idempotency::OVERRIDE_MARGIN_MS;
 use crate::script::{evalsha, int, push_now, LUA_NOW};
 
-/// The largest `T * burst` the script computes exactly.
-pub const MAX_WINDOW_US: u64 = 1 << 52;
+/// The largest `T * burst` the script computes exactly: the cap every
+/// [`Quota`] keeps.
+pub use reliability_core::rate_limit::MAX_WINDOW_US;
 
 // ARGV: now ('' = TIME), margin_ms, T (µs), burst, cost
 // Returns {outcome (0 allowed, 1 denied, 2 never, -1 wrong type),
@@ -186,13 +188,8 @@ impl RedisRateLimiter {
     /// One check: the GCRA script on the key's Redis state.
     async fn check_script(&self, key: &str, quota: Quota, cost: u32) -> Result<Decision> {
         let redis_key = self.client.key_space().key(Primitive::RateLimit, key)?;
+        // `Quota` keeps `T * burst` within MAX_WINDOW_US: exact doubles.
         let t = quota.emission_interval_us();
-        if u128::from(t) * u128::from(quota.burst()) > u128::from(MAX_WINDOW_US) {
-            return Err(Error::invalid_argument(
-                "quota",
-                "emission interval x burst exceeds 2^52 us, beyond what the Redis script computes exactly",
-            ));
-        }
         let margin = if self.clock_override.is_some() {
             OVERRIDE_MARGIN_MS
         } else {

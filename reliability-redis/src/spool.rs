@@ -24,7 +24,8 @@ use crate::error::{unexpected, BACKEND};
 
 /// Shared head of every script: key names, `now`, helpers.
 ///
-/// `KEYS`: meta, ready, delay, lease, age, dead. `ARGV[1]`: the time in
+/// `KEYS`: meta, ready, delay, lease, age, dead (and, for the scripts of
+/// one owned record, its key as `KEYS[7]`). `ARGV[1]`: the time in
 /// microseconds, or empty for the server's `TIME`; `ARGV[2]`: the prefix of
 /// record keys (`{B}:r:`).
 const PRELUDE: &str = r#"
@@ -54,12 +55,13 @@ local function bury(k, id, code, msg)
   redis.call('ZADD', dead, seq, id)
   if code == 'expired' then redis.call('HINCRBY', meta, 'expired', 1) end
 end
--- The record ARGV[3] if lease token ARGV[4] holds it, taken out of the lease
--- and ready indexes: its key, id and enqueued_at. Otherwise nil and 'gone'
--- (no such record) or 'lost' (dead, or another lease or none holds it).
+-- The record ARGV[3] (key KEYS[7]) if lease token ARGV[4] holds it, taken
+-- out of the lease and ready indexes: its key, id and enqueued_at.
+-- Otherwise nil and 'gone' (no such record) or 'lost' (dead, or another
+-- lease or none holds it).
 local function owned()
   local id, token = ARGV[3], ARGV[4]
-  local k = rp .. id
+  local k = KEYS[7]
   if kind(k) == 'none' then return nil, 'gone' end
   local f = redis.call('HMGET', k, 't', 'da', 's', 'e')
   if f[2] or f[1] ~= token then return nil, 'lost' end
@@ -111,12 +113,13 @@ return {'ok', #fresh, dup}
 /// enqueued_at, token.
 const LEASE: &str = r#"
 local max, ttl, retention, base = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6]
+-- Each record is read before an index changes: a read refused (ACL)
+-- stops the script before it wrote anything of that record.
 local function promote(index)
   local ids = redis.call('ZRANGE', index, '-inf', str(now), 'BYSCORE')
-  if #ids == 0 then return end
-  redis.call('ZREMRANGEBYSCORE', index, '-inf', str(now))
   for _, id in ipairs(ids) do
     local f = redis.call('HMGET', rp .. id, 's', 'e')
+    redis.call('ZREM', index, id)
     redis.call('ZADD', ready, f[2], member(tonumber(f[1]), id))
   end
 end
@@ -124,11 +127,12 @@ promote(delay)
 promote(lease)
 local out, n, until_ = {}, 0, str(now + ttl)
 while n < max do
-  local m = redis.call('ZPOPMIN', ready)
+  local m = redis.call('ZRANGE', ready, 0, 0)
   if #m == 0 then break end
   local id = string.sub(m[1], 17)
   local k = rp .. id
   local f = redis.call('HMGET', k, 'e', 'a', 'p')
+  redis.call('ZREM', ready, m[1])
   if tonumber(f[1]) + retention <= now then
     bury(k, id, 'expired', '')
   else
@@ -379,6 +383,18 @@ static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| {
 /// Keys carry no TTL: nothing expires or is evicted behind the spool's back,
 /// and [`RedisSpoolBuilder::open`] refuses a server whose `maxmemory-policy`
 /// may evict keys.
+///
+/// # ACL
+///
+/// A Redis ACL user of the spool needs every key under its hash tag:
+/// `~{prefix:spool:namespace}:*` (`~{prefix:spool:*` for every namespace
+/// of a prefix). The scripts of one owned record (`ack`, `nack`,
+/// `extend`, `dead_letter`) declare its key; `enqueue` and the scripts that
+/// find records as they run (`lease`, `list_dead`, `redrive_dead`,
+/// `purge_dead`) reach record keys they cannot declare, all under the same
+/// tag. Every script reads a record before it changes anything of it, so a
+/// narrower pattern that refuses record keys refuses the call before the
+/// spool changes (`tests/spool_acl.rs`).
 ///
 /// # Why not Redis Streams
 ///
@@ -806,7 +822,12 @@ impl RedisSpool {
         args.push(token.id().as_str().as_bytes().to_vec());
         args.push(token.lease().to_string().into_bytes());
         args.extend_from_slice(extra);
-        let reply = self.run(script, &args).await?;
+        // The record's key is declared (KEYS[7]), so an ACL refusing it
+        // refuses the call before the script runs.
+        let mut keys = self.keys.clone();
+        keys.push(format!("{}{}", self.record_prefix, token.id().as_str()));
+        self.checked().await?;
+        let reply = self.client.invoke(script, &keys, &args).await?;
         match text(&reply).as_deref() {
             Some("ok") => Ok(Owned::Ok),
             Some("dead") => Ok(Owned::Dead),
