@@ -428,3 +428,39 @@ fn large_garbage_tail_is_quarantined_in_bounded_time_and_memory() {
         "one call moved {biggest} bytes of a {GARBAGE}-byte tail"
     );
 }
+
+/// A record whose frame is corrupt leaves the spool only once its bytes
+/// are safe in quarantine: if the copy fails, the record stays and the
+/// call fails.
+#[tokio::test]
+async fn corrupt_record_stays_until_its_quarantine_copy_succeeds() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    fill(tmp.path(), 3).await;
+    let faults = Faults::new();
+    let spool = open(tmp.path(), &faults).await;
+    // Damage record 1's payload after the open checked it.
+    let seg = tmp.path().join("segments").join("00000001.log");
+    let mut bytes = std::fs::read(&seg).expect("segment");
+    let needle = record(1).payload;
+    let at = bytes
+        .windows(needle.len())
+        .position(|w| w == needle.as_ref())
+        .expect("record 1's payload");
+    bytes[at] ^= 0xff;
+    std::fs::write(&seg, &bytes).expect("damage");
+    // Open 1 is the segment's read handle, open 2 the quarantine file.
+    faults.fail_nth(Op::Open, 2, Fault::Enospc);
+    let first = spool.lease(10, TTL).await;
+    assert!(
+        first.is_err(),
+        "lease answered {:?} though the quarantine copy failed",
+        first.map(|v| v.len())
+    );
+    let stats = spool.stats().await.expect("stats");
+    assert_eq!((stats.ready, stats.quarantined_total), (3, 0), "{stats:?}");
+    let leased = spool.lease(10, TTL).await.expect("lease");
+    assert_eq!(leased.len(), 2, "the corrupt record is left out");
+    let stats = spool.stats().await.expect("stats");
+    assert_eq!(stats.quarantined_total, 1, "{stats:?}");
+    spool.close().await.expect("close");
+}
