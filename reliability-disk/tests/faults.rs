@@ -9,9 +9,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use reliability_core::{
-    system_clock, DeadReason, Error, ManualClock, NewRecord, RecordId, Spool, UnavailableReason,
-};
+use reliability_core::{DeadReason, Error, NewRecord, RecordId, Spool, UnavailableReason};
+mod common;
+
 use reliability_disk::faults::{Fault, Faults, Op};
 use reliability_disk::{DiskSpool, FsyncMode};
 
@@ -30,26 +30,10 @@ async fn open(dir: &Path, faults: &Arc<Faults>) -> DiskSpool {
         .expect("open")
 }
 
-/// Ids of every record the spool holds (leased, ready, delayed or dead),
-/// read by reopening `dir` on the real file system with a clock past every
-/// lease and leasing everything.
+/// Ids of every record `dir` holds (see [`common::ids_after_reopen`]).
 async fn ids_after_reopen(dir: &Path) -> BTreeSet<String> {
-    let later = system_clock().now().saturating_add(TTL * 2);
-    let spool = DiskSpool::builder(dir)
-        .clock(Arc::new(ManualClock::starting_at(later)))
-        .open()
-        .await
-        .expect("reopen");
-    let mut ids: BTreeSet<String> = BTreeSet::new();
-    for d in spool.list_dead(usize::MAX).await.expect("list_dead") {
-        ids.insert(d.record.id.as_str().to_string());
-    }
-    for l in spool.lease(usize::MAX, TTL).await.expect("lease") {
-        ids.insert(l.record.id.as_str().to_string());
-    }
-    let stats = spool.stats().await.expect("stats");
+    let (ids, stats) = common::ids_after_reopen(dir, TTL).await.expect("reopen");
     assert_eq!(stats.ready + stats.delayed, 0, "records left unleased");
-    spool.close().await.expect("close");
     ids
 }
 
