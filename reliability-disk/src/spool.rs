@@ -526,7 +526,7 @@ fn open_blocking(
             let create = || -> io::Result<()> {
                 let f = vfs.open(&path, Open::Create)?;
                 vfs.write_at(&f, &segment_header(1), 0)?;
-                vfs.sync(&f, true)?;
+                vfs.sync_all(&f)?;
                 vfs.sync_dir(&segments_dir(&dir))
             };
             create().map_err(|e| io_error("cannot create the first segment", &dir, e))?;

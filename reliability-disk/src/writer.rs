@@ -309,7 +309,7 @@ impl Writer {
             return Err(e);
         }
         if self.dirty {
-            self.checked(self.fs.sync(&self.file, false))?;
+            self.checked(self.fs.sync_data(&self.file))?;
             self.dirty = false;
         }
         self.last_sync = Instant::now();
@@ -549,14 +549,14 @@ impl Writer {
             self.file.set_len(self.len)?;
             self.alloc_end = self.len;
         }
-        self.checked(self.fs.sync(&self.file, false))?;
+        self.checked(self.fs.sync_data(&self.file))?;
         self.dirty = false;
         self.counts.entry(self.seg).or_default().size = self.len;
         let next = self.seg + 1;
         let path = segment_path(&self.dir, next);
         let f = self.fs.open(&path, Open::Create)?;
         self.fs.write_at(&f, &segment_header(next), 0)?;
-        self.checked(self.fs.sync(&f, true))?;
+        self.checked(self.fs.sync_all(&f))?;
         self.checked(self.fs.sync_dir(&segments_dir(&self.dir)))?;
         self.file = f;
         self.seg = next;

@@ -185,10 +185,7 @@ async fn failed_fsync_is_never_followed_by_compaction() {
         spool.enqueue(vec![record(i)]).await.expect("enqueue");
     }
     faults.fail_nth(Op::Sync, 1, Fault::LostSync);
-    let mut acked = BTreeSet::new();
-    for i in 0..12 {
-        acked.insert(format!("r{i:04}"));
-    }
+    let kept: BTreeSet<String> = (0..12).map(|i| format!("r{i:04}")).collect();
     for i in 12..40 {
         let _ = spool.enqueue(vec![record(i)]).await;
     }
@@ -207,7 +204,7 @@ async fn failed_fsync_is_never_followed_by_compaction() {
     );
     drop(spool);
     let ids = ids_after_reopen(tmp.path()).await;
-    let lost: Vec<_> = acked.difference(&ids).collect();
+    let lost: Vec<_> = kept.difference(&ids).collect();
     assert!(lost.is_empty(), "acknowledged records lost: {lost:?}");
 }
 
