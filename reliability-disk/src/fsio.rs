@@ -37,8 +37,10 @@ pub(crate) trait Fs: Send + Sync + fmt::Debug {
     fn read_at(&self, file: &File, buf: &mut [u8], off: u64) -> io::Result<()>;
     /// Writes all of `buf` at `off`.
     fn write_at(&self, file: &File, buf: &[u8], off: u64) -> io::Result<()>;
-    /// `fdatasync` (`all`: `fsync`, metadata included).
-    fn sync(&self, file: &File, all: bool) -> io::Result<()>;
+    /// `fdatasync`: the file's data (and the metadata needed to read it).
+    fn sync_data(&self, file: &File) -> io::Result<()>;
+    /// `fsync`: the file's data and metadata.
+    fn sync_all(&self, file: &File) -> io::Result<()>;
     /// Renames `from` to `to`.
     fn rename(&self, from: &Path, to: &Path) -> io::Result<()>;
     /// Deletes the file at `path`.
@@ -82,12 +84,12 @@ impl Fs for RealFs {
         file.write_all_at(buf, off)
     }
 
-    fn sync(&self, file: &File, all: bool) -> io::Result<()> {
-        if all {
-            file.sync_all()
-        } else {
-            file.sync_data()
-        }
+    fn sync_data(&self, file: &File) -> io::Result<()> {
+        file.sync_data()
+    }
+
+    fn sync_all(&self, file: &File) -> io::Result<()> {
+        file.sync_all()
     }
 
     fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
@@ -375,9 +377,14 @@ pub mod faults {
             RealFs.write_at(file, buf, off)
         }
 
-        fn sync(&self, file: &File, all: bool) -> io::Result<()> {
+        fn sync_data(&self, file: &File) -> io::Result<()> {
             self.enter(Op::Sync, None, 0)?;
-            RealFs.sync(file, all)
+            RealFs.sync_data(file)
+        }
+
+        fn sync_all(&self, file: &File) -> io::Result<()> {
+            self.enter(Op::Sync, None, 0)?;
+            RealFs.sync_all(file)
         }
 
         fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {

@@ -173,7 +173,7 @@ pub(crate) fn recover(vfs: &SharedFs, dir: &Path, fix: bool) -> io::Result<Recov
                     let f = vfs.open(&path, Open::Write)?;
                     f.set_len(0)?;
                     vfs.write_at(&f, &segment_header(n), 0)?;
-                    vfs.sync(&f, true)?;
+                    vfs.sync_all(&f)?;
                 }
                 valid.push(n);
             } else {
@@ -449,7 +449,7 @@ fn scan_segment(
                 if q.fix {
                     let pad = codec::pad_frame((next - off) as usize);
                     q.fs.write_at(&w.file, &pad, off)?;
-                    q.fs.sync(&w.file, false)?;
+                    q.fs.sync_data(&w.file)?;
                     w.buf.clear();
                 }
                 off = next;
@@ -475,7 +475,7 @@ fn scan_segment(
 fn truncate(q: &Quarantine, w: &mut Window, off: u64) -> io::Result<()> {
     if q.fix {
         w.file.set_len(off)?;
-        q.fs.sync(&w.file, true)?;
+        q.fs.sync_all(&w.file)?;
         w.len = off;
         w.buf.clear();
     }
@@ -520,7 +520,7 @@ impl Quarantine {
         let file = self.fs.open(&path, Open::Create)?;
         self.fs
             .write_at(&file, Self::reason_text(f).as_bytes(), 0)?;
-        self.fs.sync(&file, true)
+        self.fs.sync_all(&file)
     }
 
     fn log(f: &Finding) {
@@ -577,7 +577,7 @@ impl Quarantine {
                 .fs
                 .open(&self.dir.join(format!("{stem}.bin")), Open::Create)?;
             write(&*self.fs, &file)?;
-            self.fs.sync(&file, true)?;
+            self.fs.sync_all(&file)?;
             self.write_reason(&stem, &f)?;
             self.fs.sync_dir(&self.dir)?;
             Self::log(&f);

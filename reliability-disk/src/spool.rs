@@ -526,7 +526,7 @@ fn open_blocking(
             let create = || -> io::Result<()> {
                 let f = vfs.open(&path, Open::Create)?;
                 vfs.write_at(&f, &segment_header(1), 0)?;
-                vfs.sync(&f, true)?;
+                vfs.sync_all(&f)?;
                 vfs.sync_dir(&segments_dir(&dir))
             };
             create().map_err(|e| io_error("cannot create the first segment", &dir, e))?;
@@ -853,12 +853,17 @@ impl DiskSpool {
         let read = tokio::task::spawn_blocking(move || {
             wanted
                 .iter()
-                .map(|(id, loc)| {
-                    let r = shared.read_payload(id, *loc);
-                    if let Err((at, ReadError::Corrupt { why, bytes })) = &r {
-                        shared.quarantine_copy(id, *at, why, bytes);
+                .map(|(id, loc)| match shared.read_payload(id, *loc) {
+                    // A record leaves the spool only once its bytes are
+                    // safe in quarantine; if they cannot be put there, it
+                    // stays and the call fails.
+                    Err((at, ReadError::Corrupt { why, bytes })) => {
+                        match shared.quarantine_copy(id, at, &why, &bytes) {
+                            Ok(()) => Err((at, ReadError::Corrupt { why, bytes })),
+                            Err(e) => Err((at, ReadError::Io(e))),
+                        }
                     }
-                    r
+                    r => r,
                 })
                 .collect()
         })
@@ -955,9 +960,12 @@ impl Shared {
 
     /// Copies the bytes read of a corrupt frame to quarantine with a reason
     /// file (unless the record left `loc` meanwhile).
-    fn quarantine_copy(&self, id: &RecordId, loc: Loc, why: &str, bytes: &[u8]) {
+    ///
+    /// # Errors
+    /// The copy failed (it is logged).
+    fn quarantine_copy(&self, id: &RecordId, loc: Loc, why: &str, bytes: &[u8]) -> io::Result<()> {
         if self.state().index.loc_of(id) != Some(loc) {
-            return;
+            return Ok(());
         }
         tracing::error!(id = %id, segment = loc.seg, offset = loc.off, why, "disk spool: record unreadable, quarantined");
         let q = Quarantine {
@@ -972,9 +980,11 @@ impl Shared {
             u64::from(loc.len),
         )
         .detail(format!("record {id} unreadable at runtime: {why}"));
-        if let Err(e) = q.bytes(&mut Vec::new(), finding, bytes) {
-            tracing::error!(error = %e, id = %id, "disk spool: cannot copy an unreadable record to quarantine");
+        let copied = q.bytes(&mut Vec::new(), finding, bytes);
+        if let Err(e) = &copied {
+            tracing::error!(error = %e, id = %id, "disk spool: cannot copy an unreadable record to quarantine, it stays");
         }
+        copied
     }
 }
 

@@ -309,7 +309,7 @@ impl Writer {
             return Err(e);
         }
         if self.dirty {
-            self.checked(self.fs.sync(&self.file, false))?;
+            self.checked(self.fs.sync_data(&self.file))?;
             self.dirty = false;
         }
         self.last_sync = Instant::now();
@@ -453,23 +453,29 @@ impl Writer {
         }
         self.finish_all(now);
         if needs_sync {
-            let t = Instant::now();
-            let synced = self.sync();
-            self.last_sync_took = t.elapsed();
-            self.last_synced = synced_later.len();
-            if let Err(e) = synced {
-                tracing::error!(error = %e, "disk spool: sync failed");
-                for (_, r) in &mut synced_later {
-                    *r = Err(io::Error::new(e.kind(), format!("sync failed: {e}")));
-                }
-            }
-            self.finish_all(synced_later);
+            self.sync_batch(synced_later);
         } else if let FsyncMode::Interval(d) = self.mode {
             if self.last_sync.elapsed() >= d {
                 self.sync_quietly();
             }
         }
         self.compact();
+    }
+
+    /// Syncs for the requests of a batch that asked for it, then answers
+    /// them: each fails if the sync did.
+    fn sync_batch(&mut self, mut synced_later: Vec<(WriteReq, io::Result<Written>)>) {
+        let t = Instant::now();
+        let synced = self.sync();
+        self.last_sync_took = t.elapsed();
+        self.last_synced = synced_later.len();
+        if let Err(e) = synced {
+            tracing::error!(error = %e, "disk spool: sync failed");
+            for (_, r) in &mut synced_later {
+                *r = Err(io::Error::new(e.kind(), format!("sync failed: {e}")));
+            }
+        }
+        self.finish_all(synced_later);
     }
 
     fn fail(&mut self, batch: &mut Vec<WriteReq>, e: &io::Error) {
@@ -549,14 +555,14 @@ impl Writer {
             self.file.set_len(self.len)?;
             self.alloc_end = self.len;
         }
-        self.checked(self.fs.sync(&self.file, false))?;
+        self.checked(self.fs.sync_data(&self.file))?;
         self.dirty = false;
         self.counts.entry(self.seg).or_default().size = self.len;
         let next = self.seg + 1;
         let path = segment_path(&self.dir, next);
         let f = self.fs.open(&path, Open::Create)?;
         self.fs.write_at(&f, &segment_header(next), 0)?;
-        self.checked(self.fs.sync(&f, true))?;
+        self.checked(self.fs.sync_all(&f))?;
         self.checked(self.fs.sync_dir(&segments_dir(&self.dir)))?;
         self.file = f;
         self.seg = next;

@@ -24,9 +24,11 @@ use std::time::Duration;
 
 use proptest::prelude::*;
 use proptest::test_runner::{Config, RngAlgorithm, TestCaseError, TestRng, TestRunner};
-use reliability_core::{system_clock, ManualClock, NewRecord, RecordId, Spool, SpoolToken};
+use reliability_core::{NewRecord, RecordId, Spool, SpoolToken};
 use reliability_disk::faults::{Fault, Faults, Op};
 use reliability_disk::{DiskSpool, FsyncMode};
+
+mod common;
 
 const TTL: Duration = Duration::from_secs(60);
 
@@ -245,39 +247,15 @@ impl Run<'_> {
             drop(spool);
             DiskSpool::wait_dropped(self.dir).await;
         }
-        let later = system_clock().now().saturating_add(TTL * 2);
-        let spool = DiskSpool::builder(self.dir)
-            .relocate_below_percent(self.relocate_below)
-            .clock(Arc::new(ManualClock::starting_at(later)))
-            .open()
+        let (ids, stats) = common::ids_after_reopen(self.dir, TTL)
             .await
-            .map_err(|e| format!("final open: {e}"))?;
-        let mut ids = BTreeSet::new();
-        for d in spool
-            .list_dead(usize::MAX)
-            .await
-            .map_err(|e| e.to_string())?
-        {
-            ids.insert(d.record.id.as_str().to_string());
-        }
-        for l in spool
-            .lease(usize::MAX, TTL)
-            .await
-            .map_err(|e| e.to_string())?
-        {
-            ids.insert(l.record.id.as_str().to_string());
-        }
-        let stats = spool.stats().await.map_err(|e| e.to_string())?;
+            .map_err(|e| format!("final reopen: {e}"))?;
         if stats.quarantined_total > 0 {
             return Err(format!(
                 "{} items quarantined: a fault was taken for corruption",
                 stats.quarantined_total
             ));
         }
-        spool
-            .close()
-            .await
-            .map_err(|e| format!("final close: {e}"))?;
         Ok(ids)
     }
 }

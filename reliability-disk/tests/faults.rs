@@ -9,9 +9,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use reliability_core::{
-    system_clock, DeadReason, Error, ManualClock, NewRecord, RecordId, Spool, UnavailableReason,
-};
+use reliability_core::{DeadReason, Error, NewRecord, RecordId, Spool, UnavailableReason};
+mod common;
+
 use reliability_disk::faults::{Fault, Faults, Op};
 use reliability_disk::{DiskSpool, FsyncMode};
 
@@ -30,26 +30,10 @@ async fn open(dir: &Path, faults: &Arc<Faults>) -> DiskSpool {
         .expect("open")
 }
 
-/// Ids of every record the spool holds (leased, ready, delayed or dead),
-/// read by reopening `dir` on the real file system with a clock past every
-/// lease and leasing everything.
+/// Ids of every record `dir` holds (see [`common::ids_after_reopen`]).
 async fn ids_after_reopen(dir: &Path) -> BTreeSet<String> {
-    let later = system_clock().now().saturating_add(TTL * 2);
-    let spool = DiskSpool::builder(dir)
-        .clock(Arc::new(ManualClock::starting_at(later)))
-        .open()
-        .await
-        .expect("reopen");
-    let mut ids: BTreeSet<String> = BTreeSet::new();
-    for d in spool.list_dead(usize::MAX).await.expect("list_dead") {
-        ids.insert(d.record.id.as_str().to_string());
-    }
-    for l in spool.lease(usize::MAX, TTL).await.expect("lease") {
-        ids.insert(l.record.id.as_str().to_string());
-    }
-    let stats = spool.stats().await.expect("stats");
+    let (ids, stats) = common::ids_after_reopen(dir, TTL).await.expect("reopen");
     assert_eq!(stats.ready + stats.delayed, 0, "records left unleased");
-    spool.close().await.expect("close");
     ids
 }
 
@@ -201,10 +185,7 @@ async fn failed_fsync_is_never_followed_by_compaction() {
         spool.enqueue(vec![record(i)]).await.expect("enqueue");
     }
     faults.fail_nth(Op::Sync, 1, Fault::LostSync);
-    let mut acked = BTreeSet::new();
-    for i in 0..12 {
-        acked.insert(format!("r{i:04}"));
-    }
+    let kept: BTreeSet<String> = (0..12).map(|i| format!("r{i:04}")).collect();
     for i in 12..40 {
         let _ = spool.enqueue(vec![record(i)]).await;
     }
@@ -223,7 +204,7 @@ async fn failed_fsync_is_never_followed_by_compaction() {
     );
     drop(spool);
     let ids = ids_after_reopen(tmp.path()).await;
-    let lost: Vec<_> = acked.difference(&ids).collect();
+    let lost: Vec<_> = kept.difference(&ids).collect();
     assert!(lost.is_empty(), "acknowledged records lost: {lost:?}");
 }
 
@@ -427,4 +408,40 @@ fn large_garbage_tail_is_quarantined_in_bounded_time_and_memory() {
         biggest < GARBAGE / 2,
         "one call moved {biggest} bytes of a {GARBAGE}-byte tail"
     );
+}
+
+/// A record whose frame is corrupt leaves the spool only once its bytes
+/// are safe in quarantine: if the copy fails, the record stays and the
+/// call fails.
+#[tokio::test]
+async fn corrupt_record_stays_until_its_quarantine_copy_succeeds() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    fill(tmp.path(), 3).await;
+    let faults = Faults::new();
+    let spool = open(tmp.path(), &faults).await;
+    // Damage record 1's payload after the open checked it.
+    let seg = tmp.path().join("segments").join("00000001.log");
+    let mut bytes = std::fs::read(&seg).expect("segment");
+    let needle = record(1).payload;
+    let at = bytes
+        .windows(needle.len())
+        .position(|w| w == needle.as_ref())
+        .expect("record 1's payload");
+    bytes[at] ^= 0xff;
+    std::fs::write(&seg, &bytes).expect("damage");
+    // Open 1 is the segment's read handle, open 2 the quarantine file.
+    faults.fail_nth(Op::Open, 2, Fault::Enospc);
+    let first = spool.lease(10, TTL).await;
+    assert!(
+        first.is_err(),
+        "lease answered {:?} though the quarantine copy failed",
+        first.map(|v| v.len())
+    );
+    let stats = spool.stats().await.expect("stats");
+    assert_eq!((stats.ready, stats.quarantined_total), (3, 0), "{stats:?}");
+    let leased = spool.lease(10, TTL).await.expect("lease");
+    assert_eq!(leased.len(), 2, "the corrupt record is left out");
+    let stats = spool.stats().await.expect("stats");
+    assert_eq!(stats.quarantined_total, 1, "{stats:?}");
+    spool.close().await.expect("close");
 }

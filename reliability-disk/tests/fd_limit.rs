@@ -9,13 +9,13 @@
 #![allow(clippy::print_stdout)]
 
 use std::collections::BTreeSet;
-use std::path::Path;
 use std::process::Command;
-use std::sync::Arc;
 use std::time::Duration;
 
-use reliability_core::{system_clock, ManualClock, NewRecord, RecordId, Spool};
+use reliability_core::{NewRecord, RecordId, Spool};
 use reliability_disk::DiskSpool;
+
+mod common;
 
 /// Set in the child's environment: the spool directory.
 const CHILD_DIR: &str = "RELIABILITY_DISK_FD_LIMIT_DIR";
@@ -61,26 +61,6 @@ fn fd_limit_child() {
         drop(held);
         spool.close().await.expect("child: close");
     });
-}
-
-/// Every record of the spool, leased or dead, after a reopen with a clock
-/// past every lease.
-async fn ids_after_reopen(dir: &Path) -> BTreeSet<String> {
-    let later = system_clock().now().saturating_add(TTL * 2);
-    let spool = DiskSpool::builder(dir)
-        .clock(Arc::new(ManualClock::starting_at(later)))
-        .open()
-        .await
-        .expect("reopen");
-    let mut ids = BTreeSet::new();
-    for d in spool.list_dead(usize::MAX).await.expect("list_dead") {
-        ids.insert(d.record.id.as_str().to_string());
-    }
-    for l in spool.lease(usize::MAX, TTL).await.expect("lease") {
-        ids.insert(l.record.id.as_str().to_string());
-    }
-    spool.close().await.expect("close");
-    ids
 }
 
 #[test]
@@ -131,7 +111,9 @@ fn lease_under_a_real_descriptor_limit_loses_nothing() {
         "the child never hit its descriptor limit:\n{said}"
     );
 
-    let ids = rt.block_on(ids_after_reopen(&dir));
+    let (ids, _) = rt
+        .block_on(common::ids_after_reopen(&dir, TTL))
+        .expect("reopen");
     let want: BTreeSet<String> = (0..RECORDS).map(|i| format!("r{i:04}")).collect();
     let lost: Vec<_> = want.difference(&ids).collect();
     assert!(
