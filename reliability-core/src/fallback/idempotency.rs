@@ -53,9 +53,6 @@ pub(super) struct Journal {
     /// there by the next reconcile pass, before the key's replay (else the
     /// primary keeps a claim of ours that a local claim then conflicts with).
     unreleased: Sharded<String, Vec<Lease>>,
-    /// Striped by key: a local claim and a primary claim of the same key
-    /// that answered at the same time decide under it which one holds.
-    claim_locks: Sharded<String, ()>,
     conflicts: AtomicU64,
     replayed: AtomicU64,
     /// The breaker's count of primary data losses this journal acted on.
@@ -78,7 +75,6 @@ impl Journal {
             completed: Bounded::new(limits),
             primary_leases: Sharded::default(),
             versions: Versions::default(),
-            claim_locks: Sharded::default(),
             unreleased: Sharded::default(),
             conflicts: AtomicU64::new(0),
             replayed: AtomicU64::new(0),
@@ -592,27 +588,33 @@ impl<P: IdempotencyStore, S: IdempotencyStore> Fallback<P, S> {
         let Claim::Acquired(local) = &c else {
             return Ok(c);
         };
-        let held = {
-            let _decide = self.journal.claim_locks.shard(key);
-            let held = self.known_locally(key, fingerprint);
-            if held.is_none() {
-                self.journal_claim(key, fingerprint, &c, lease);
-            }
-            held
+        // Journaled first, then this process's primary leases looked at;
+        // a primary claim does the converse: of two that answered at once,
+        // at least one sees the other and gives its lease back.
+        self.journal_claim(key, fingerprint, &c, lease);
+        let Some(held) = self.known_locally(key, fingerprint) else {
+            return Ok(c);
         };
-        match held {
-            None => Ok(c),
-            Some(held) => {
-                // A primary claim of this process got the key meanwhile.
-                let _ = self.secondary.release(local).await;
-                Ok(held)
+        {
+            let mut shard = self.journal.entries.shard(key);
+            if shard
+                .map
+                .get(key)
+                .is_some_and(|e| e.local == Some(local.token()))
+            {
+                drop(shard);
+                self.journal.entries.remove(key);
             }
         }
+        let _ = self.secondary.release(local).await;
+        Ok(held)
     }
 
     /// A lease the primary just gave: this process's primary lease of the
     /// key, unless a local claim of it answered meanwhile (then the primary
-    /// lease goes back and the local holder's claim is the answer).
+    /// lease goes back and the local holder's claim is the answer). The
+    /// lease is recorded before the journal is looked at (a local claim does
+    /// the converse), so two claims answering at once never both hold.
     async fn hold_primary_lease(
         &self,
         key: &str,
@@ -620,25 +622,22 @@ impl<P: IdempotencyStore, S: IdempotencyStore> Fallback<P, S> {
         lease: &Lease,
         duration: Duration,
     ) -> Result<Option<Claim>> {
-        let local = {
-            let _decide = self.journal.claim_locks.shard(key);
-            let local = self.journal_says(key, fingerprint);
-            if local.is_none() {
-                let now = self.now();
-                self.journal.primary_leases.insert(
-                    key.to_string(),
-                    PrimaryLease {
-                        token: lease.token(),
-                        fingerprint: *fingerprint,
-                        expires_at: now.saturating_add(duration),
-                    },
-                    |p| p.expires_at > now,
-                );
+        let now = self.now();
+        self.journal.primary_leases.insert(
+            key.to_string(),
+            PrimaryLease {
+                token: lease.token(),
+                fingerprint: *fingerprint,
+                expires_at: now.saturating_add(duration),
+            },
+            |p| p.expires_at > now,
+        );
+        let local = self.journal_says(key, fingerprint);
+        if local.is_some() {
+            self.forget_primary_lease(lease);
+            if self.primary.release(lease).await.is_err() {
+                self.release_later(lease.clone());
             }
-            local
-        };
-        if local.is_some() && self.primary.release(lease).await.is_err() {
-            self.release_later(lease.clone());
         }
         Ok(local)
     }
