@@ -595,17 +595,9 @@ impl<P: IdempotencyStore, S: IdempotencyStore> Fallback<P, S> {
         let Some(held) = self.known_locally(key, fingerprint) else {
             return Ok(c);
         };
-        {
-            let mut shard = self.journal.entries.shard(key);
-            if shard
-                .map
-                .get(key)
-                .is_some_and(|e| e.local == Some(local.token()))
-            {
-                drop(shard);
-                self.journal.entries.remove(key);
-            }
-        }
+        self.journal
+            .entries
+            .remove_if(key, |e| e.local == Some(local.token()));
         let _ = self.secondary.release(local).await;
         Ok(held)
     }

@@ -253,6 +253,18 @@ impl<V: Weighed> Bounded<V> {
         Some(v.1)
     }
 
+    /// Removes `key`'s entry if `pred` holds for it.
+    pub(super) fn remove_if(&self, key: &str, pred: impl FnOnce(&V) -> bool) {
+        let mut shard = self.map.shard(key);
+        if !shard.map.get(key).is_some_and(pred) {
+            return;
+        }
+        if let Some((k, v)) = shard.map.remove_entry(key) {
+            drop(shard);
+            self.counted(None, Some(cost(&k, &v)));
+        }
+    }
+
     /// Drops the entries dead at `now`; returns how many.
     pub(super) fn prune(&self, now: Timestamp) -> u64 {
         self.map
