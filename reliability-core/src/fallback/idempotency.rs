@@ -4,19 +4,32 @@
 //!
 //! - While the primary is skipped or unavailable, `claim` is answered by the
 //!   secondary and the answer is written to a *journal* (key, fingerprint,
-//!   state, expiry).
+//!   state, expiry), bounded by [`JournalLimits`] (see
+//!   [`Fallback::with_journal_limits`]).
 //! - For every key in the journal, the secondary answers first, until the
 //!   entry expires: a key claimed during the outage is not acquired again
-//!   after failback within its TTL.
+//!   after failback within its TTL. If the bounded secondary evicted the
+//!   key, the journal answers (its result, or in progress).
 //! - [`Fallback::reconcile`] replays the journal to the primary with
 //!   claim-if-absent semantics (a claim then, for completed entries, a
-//!   complete with the remaining retention). A key the primary already holds
-//!   is a *conflict*: counted, logged, and the primary's answer wins.
+//!   complete with the remaining retention). A key the primary holds
+//!   completed (or for another payload) is a *conflict*: counted, logged,
+//!   and the primary's answer wins; a key another holder has in progress is
+//!   tried again by later passes. Entries carry a version: one written
+//!   while its replay was in flight (a completion) is replayed again, so the
+//!   newest state reaches the primary.
 //! - A lease acquired from the primary can still be completed while the
 //!   primary is down: the completion is recorded on the secondary and
-//!   replayed.
+//!   replayed. While this process holds a primary lease on a key, a local
+//!   claim of that key answers in progress.
 //! - `release` / `extend` of a primary lease while the primary is down
-//!   succeed without effect on the primary (its lease simply runs out).
+//!   succeed locally; the release reaches the primary with the next
+//!   reconcile pass.
+//! - Claims completed through the primary are kept in a bounded local
+//!   record (write-through, same bounds as the journal): while the primary
+//!   is down a duplicate of one is answered `Completed` from it, and after
+//!   the primary lost data ([`Breaker::observe_identity`](super::Breaker::observe_identity))
+//!   they join the journal and are replayed.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -27,9 +40,10 @@ use futures_util::stream::{self, StreamExt};
 use tracing::{info, warn};
 
 use super::journal::{
-    Bounded, Completion, EntryState, JournalEntry, JournalLimits, PrimaryLease, Sharded, Versions,
+    Bounded, Completion, EntryState, JournalEntry, PrimaryLease, Sharded, Versions,
 };
 use super::Fallback;
+use super::JournalLimits;
 use crate::capability::Capabilities;
 use crate::clock::Timestamp;
 use crate::error::{Error, Result};
