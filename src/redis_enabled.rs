@@ -345,6 +345,8 @@ async fn failback_pass(
         publish_pending(store, status);
     }
     if let Some(spool) = spool {
+        let doubles = spool.double_enqueues();
+        status.update(|s| s.fallback.get_or_insert_default().double_enqueues = Some(doubles));
         let d = spool.drain().await?;
         if d.moved + d.duplicates > 0 {
             info!(
@@ -363,5 +365,10 @@ async fn failback_pass(
 fn publish_pending(store: &FallbackStore, status: &StatusHub) {
     let pending = store.pending_reconcile();
     reliability_core::metrics::record_reconcile_pending(pending);
-    status.update(|s| s.pending_reconcile = pending);
+    let (journal, completed) = (store.journal_usage(), store.completed_usage());
+    status.update(|s| {
+        s.pending_reconcile = pending;
+        let f = s.fallback.get_or_insert_default();
+        (f.journal, f.completed) = (Some(journal), Some(completed));
+    });
 }

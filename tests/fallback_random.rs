@@ -495,16 +495,18 @@ impl World {
             self.log(format!("delivered {}", l.record.id));
             self.check_attempts(&l);
             match self.pick(3) {
-                0 => {
-                    if self.queue.ack(&l.token).await.is_ok() {
-                        self.model.lock().unwrap().acked.insert(l.record.id.clone());
-                    }
-                }
+                0 => self.ack(&l).await,
                 1 => {
                     let _ = self.queue.nack(&l.token, Duration::ZERO).await;
                 }
                 _ => {}
             }
+        }
+    }
+
+    async fn ack(&self, l: &Leased) {
+        if self.queue.ack(&l.token).await.is_ok() {
+            self.model.lock().unwrap().acked.insert(l.record.id.clone());
         }
     }
 

@@ -148,6 +148,11 @@ async fn restart_without_persistence_is_reported_and_repaired() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    let shown = r.status().current().fallback.and_then(|f| f.completed);
+    assert!(
+        shown.is_some_and(|c| c.entries >= KEYS as u64 && c.max_entries > 0),
+        "the local record in status: {shown:?}"
+    );
     let after = reacquired(store.as_ref()).await;
     assert!(after.is_empty(), "acquired again after the loss: {after:?}");
 

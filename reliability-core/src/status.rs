@@ -579,6 +579,25 @@ pub struct HealthStatus {
     pub pending_reconcile: u64,
     /// The spool; `None` with `spool: none`.
     pub spool: Option<SpoolHealth>,
+    /// What the fallbacks in front of Redis keep locally; `None` without
+    /// Redis.
+    pub fallback: Option<FallbackHealth>,
+}
+
+/// What the fallbacks in front of Redis keep locally, within their bounds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+#[non_exhaustive]
+pub struct FallbackHealth {
+    /// The journal of claims answered locally.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub journal: Option<crate::fallback::JournalUsage>,
+    /// The record of claims completed through Redis.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completed: Option<crate::fallback::JournalUsage>,
+    /// Spool records a timed-out Redis call may have left on both sides.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub double_enqueues: Option<crate::fallback::DoubleEnqueues>,
 }
 
 impl HealthStatus {
@@ -601,6 +620,7 @@ impl HealthStatus {
             breaker: redis.then(BreakerStatus::closed),
             pending_reconcile: 0,
             spool: (spool != SpoolBackend::None).then(SpoolHealth::default),
+            fallback: None,
         };
         s.overall = s.evaluate();
         s
@@ -686,6 +706,8 @@ mod wire {
         pending_reconcile: u64,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         spool: Option<SpoolHealth>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        fallback: Option<FallbackHealth>,
     }
 
     #[derive(Serialize, Deserialize)]
@@ -734,6 +756,7 @@ mod wire {
                 breaker: s.breaker,
                 pending_reconcile: s.pending_reconcile,
                 spool: s.spool,
+                fallback: s.fallback,
             }
         }
     }
@@ -764,6 +787,7 @@ mod wire {
                 breaker: w.breaker,
                 pending_reconcile: w.pending_reconcile,
                 spool: w.spool,
+                fallback: w.fallback,
             }
         }
     }

@@ -38,7 +38,7 @@ pub(super) enum Verdict {
 
 /// Counts of records a timed-out primary enqueue may have left on both
 /// sides (see [`Fallback::double_enqueues`](super::Fallback::double_enqueues)).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "camelCase")]
 #[non_exhaustive]
 pub struct DoubleEnqueues {

@@ -4,19 +4,32 @@
 //!
 //! - While the primary is skipped or unavailable, `claim` is answered by the
 //!   secondary and the answer is written to a *journal* (key, fingerprint,
-//!   state, expiry).
+//!   state, expiry), bounded by [`JournalLimits`] (see
+//!   [`Fallback::with_journal_limits`]).
 //! - For every key in the journal, the secondary answers first, until the
 //!   entry expires: a key claimed during the outage is not acquired again
-//!   after failback within its TTL.
+//!   after failback within its TTL. If the bounded secondary evicted the
+//!   key, the journal answers (its result, or in progress).
 //! - [`Fallback::reconcile`] replays the journal to the primary with
 //!   claim-if-absent semantics (a claim then, for completed entries, a
-//!   complete with the remaining retention). A key the primary already holds
-//!   is a *conflict*: counted, logged, and the primary's answer wins.
+//!   complete with the remaining retention). A key the primary holds
+//!   completed (or for another payload) is a *conflict*: counted, logged,
+//!   and the primary's answer wins; a key another holder has in progress is
+//!   tried again by later passes. Entries carry a version: one written
+//!   while its replay was in flight (a completion) is replayed again, so the
+//!   newest state reaches the primary.
 //! - A lease acquired from the primary can still be completed while the
 //!   primary is down: the completion is recorded on the secondary and
-//!   replayed.
+//!   replayed. While this process holds a primary lease on a key, a local
+//!   claim of that key answers in progress.
 //! - `release` / `extend` of a primary lease while the primary is down
-//!   succeed without effect on the primary (its lease simply runs out).
+//!   succeed locally; the release reaches the primary with the next
+//!   reconcile pass.
+//! - Claims completed through the primary are kept in a bounded local
+//!   record (write-through, same bounds as the journal): while the primary
+//!   is down a duplicate of one is answered `Completed` from it, and after
+//!   the primary lost data ([`Breaker::observe_identity`](super::Breaker::observe_identity))
+//!   they join the journal and are replayed.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -27,9 +40,10 @@ use futures_util::stream::{self, StreamExt};
 use tracing::{info, warn};
 
 use super::journal::{
-    Bounded, Completion, EntryState, JournalEntry, JournalLimits, PrimaryLease, Sharded, Versions,
+    Bounded, Completion, EntryState, JournalEntry, PrimaryLease, Sharded, Versions,
 };
 use super::Fallback;
+use super::JournalLimits;
 use crate::capability::Capabilities;
 use crate::clock::Timestamp;
 use crate::error::{Error, Result};
@@ -53,9 +67,6 @@ pub(super) struct Journal {
     /// there by the next reconcile pass, before the key's replay (else the
     /// primary keeps a claim of ours that a local claim then conflicts with).
     unreleased: Sharded<String, Vec<Lease>>,
-    /// Striped by key: a local claim and a primary claim of the same key
-    /// that answered at the same time decide under it which one holds.
-    claim_locks: Sharded<String, ()>,
     conflicts: AtomicU64,
     replayed: AtomicU64,
     /// The breaker's count of primary data losses this journal acted on.
@@ -78,7 +89,6 @@ impl Journal {
             completed: Bounded::new(limits),
             primary_leases: Sharded::default(),
             versions: Versions::default(),
-            claim_locks: Sharded::default(),
             unreleased: Sharded::default(),
             conflicts: AtomicU64::new(0),
             replayed: AtomicU64::new(0),
@@ -592,27 +602,25 @@ impl<P: IdempotencyStore, S: IdempotencyStore> Fallback<P, S> {
         let Claim::Acquired(local) = &c else {
             return Ok(c);
         };
-        let held = {
-            let _decide = self.journal.claim_locks.shard(key);
-            let held = self.known_locally(key, fingerprint);
-            if held.is_none() {
-                self.journal_claim(key, fingerprint, &c, lease);
-            }
-            held
+        // Journaled first, then this process's primary leases looked at;
+        // a primary claim does the converse: of two that answered at once,
+        // at least one sees the other and gives its lease back.
+        self.journal_claim(key, fingerprint, &c, lease);
+        let Some(held) = self.known_locally(key, fingerprint) else {
+            return Ok(c);
         };
-        match held {
-            None => Ok(c),
-            Some(held) => {
-                // A primary claim of this process got the key meanwhile.
-                let _ = self.secondary.release(local).await;
-                Ok(held)
-            }
-        }
+        self.journal
+            .entries
+            .remove_if(key, |e| e.local == Some(local.token()));
+        let _ = self.secondary.release(local).await;
+        Ok(held)
     }
 
     /// A lease the primary just gave: this process's primary lease of the
     /// key, unless a local claim of it answered meanwhile (then the primary
-    /// lease goes back and the local holder's claim is the answer).
+    /// lease goes back and the local holder's claim is the answer). The
+    /// lease is recorded before the journal is looked at (a local claim does
+    /// the converse), so two claims answering at once never both hold.
     async fn hold_primary_lease(
         &self,
         key: &str,
@@ -620,25 +628,22 @@ impl<P: IdempotencyStore, S: IdempotencyStore> Fallback<P, S> {
         lease: &Lease,
         duration: Duration,
     ) -> Result<Option<Claim>> {
-        let local = {
-            let _decide = self.journal.claim_locks.shard(key);
-            let local = self.journal_says(key, fingerprint);
-            if local.is_none() {
-                let now = self.now();
-                self.journal.primary_leases.insert(
-                    key.to_string(),
-                    PrimaryLease {
-                        token: lease.token(),
-                        fingerprint: *fingerprint,
-                        expires_at: now.saturating_add(duration),
-                    },
-                    |p| p.expires_at > now,
-                );
+        let now = self.now();
+        self.journal.primary_leases.insert(
+            key.to_string(),
+            PrimaryLease {
+                token: lease.token(),
+                fingerprint: *fingerprint,
+                expires_at: now.saturating_add(duration),
+            },
+            |p| p.expires_at > now,
+        );
+        let local = self.journal_says(key, fingerprint);
+        if local.is_some() {
+            self.forget_primary_lease(lease);
+            if self.primary.release(lease).await.is_err() {
+                self.release_later(lease.clone());
             }
-            local
-        };
-        if local.is_some() && self.primary.release(lease).await.is_err() {
-            self.release_later(lease.clone());
         }
         Ok(local)
     }

@@ -58,7 +58,7 @@ impl JournalLimits {
 }
 
 /// How full a bounded map of the fallback is.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "camelCase")]
 #[non_exhaustive]
 pub struct JournalUsage {
@@ -251,6 +251,18 @@ impl<V: Weighed> Bounded<V> {
         let v = self.map.shard(key).map.remove_entry(key)?;
         self.counted(None, Some(cost(&v.0, &v.1)));
         Some(v.1)
+    }
+
+    /// Removes `key`'s entry if `pred` holds for it.
+    pub(super) fn remove_if(&self, key: &str, pred: impl FnOnce(&V) -> bool) {
+        let mut shard = self.map.shard(key);
+        if !shard.map.get(key).is_some_and(pred) {
+            return;
+        }
+        if let Some((k, v)) = shard.map.remove_entry(key) {
+            drop(shard);
+            self.counted(None, Some(cost(&k, &v)));
+        }
     }
 
     /// Drops the entries dead at `now`; returns how many.
