@@ -201,6 +201,8 @@ async fn accept_loop(listener: TcpListener, target_port: u16, faults: Arc<watch:
     let target = SocketAddr::from((Ipv4Addr::LOCALHOST, target_port));
     loop {
         let Ok((client, _)) = listener.accept().await else {
+            // Out of descriptors, or the like: not a busy loop.
+            tokio::time::sleep(Duration::from_millis(10)).await;
             continue;
         };
         let faults = faults.subscribe();
