@@ -253,6 +253,9 @@ async fn invalid_configurations_name_the_field() {
             Config("reliability.spoolLimits.maxRecordBytes"),
         ),
         ("memory: { maxBytes: 0 }".into(), Config("reliability.memory.maxBytes")),
+        // A jitter that is not a number in [0, 1) (it would panic in use).
+        ("retry: { jitter: .nan }".into(), Config("reliability.retry.jitter")),
+        ("retry: { jitter: .inf }".into(), Config("reliability.retry.jitter")),
     ];
     // Backends whose cargo feature is off. With feature `redis` these
     // configurations connect to Redis (tested in reliability-redis), so the

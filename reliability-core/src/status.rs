@@ -189,16 +189,15 @@ fn value_start(lower: &[u8], i: usize, key: &str) -> Option<usize> {
     matches!(lower.get(j), Some(b'=' | b':')).then(|| skip_spaces(j + 1))
 }
 
-/// The end of the unquoted value at `j` of the key at `i`: the first
-/// whitespace, control character or `&`, less one `)` that closes a `(`
-/// left open before the key (`(password=x)`): never a character of the
-/// value itself when the text's parentheses balance.
-fn value_end(text: &str, i: usize, j: usize) -> usize {
+/// The end of the unquoted value at `j`: the first whitespace, control
+/// character or `&`, less one `)` that closes a `(` left open before the
+/// key (`open_before`; `(password=x)`): never a character of the value
+/// itself when the text's parentheses balance.
+fn value_end(text: &str, j: usize, open_before: bool) -> usize {
     let end = text[j..]
         .find(|c: char| is_text_break(c) || c == '&')
         .map_or(text.len(), |k| j + k);
     let value = &text[j..end];
-    let open_before = text[..i].matches('(').count() > text[..i].matches(')').count();
     let unbalanced = value.matches(')').count() > value.matches('(').count();
     if open_before && unbalanced && value.ends_with(')') {
         end - 1
@@ -213,6 +212,9 @@ fn redact_key_values(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     let mut copied = 0;
     let mut i = 0;
+    // Parentheses opened and not closed before `scanned`, counted as `i`
+    // moves (once per byte).
+    let (mut scanned, mut depth) = (0, 0_i64);
     while i < lower.len() {
         let Some((key, j)) = SECRET_KEYS
             .iter()
@@ -230,7 +232,15 @@ fn redact_key_values(text: &str) -> String {
             i = close.max(j + 1);
             continue;
         }
-        let end = value_end(text, i, j);
+        for b in &lower[scanned..i] {
+            match b {
+                b'(' => depth += 1,
+                b')' => depth -= 1,
+                _ => {}
+            }
+        }
+        scanned = i;
+        let end = value_end(text, j, depth > 0);
         if end > j {
             out.push_str(&text[copied..j]);
             out.push_str(REDACTED);

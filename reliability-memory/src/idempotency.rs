@@ -441,7 +441,12 @@ impl MemoryIdempotencyStoreBuilder {
         let largest = (self.max_result_bytes as u64)
             .saturating_add(MAX_VERBATIM_ID_BYTES as u64)
             .saturating_add(ENTRY_OVERHEAD_BYTES);
-        let capacity = self.max_bytes.max(largest);
+        // Weights are u32: a capacity above max_entries x u32::MAX would
+        // need a floor no weight can carry, and hold more entries.
+        let capacity = self
+            .max_bytes
+            .max(largest)
+            .min(self.max_entries.saturating_mul(u64::from(u32::MAX)));
         let floor = capacity.div_ceil(self.max_entries);
         let cache = Cache::builder()
             .max_capacity(capacity)
