@@ -22,8 +22,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use reliability_core::config::{OnEvictingPolicy, ReliabilityConfig, SpoolBackend};
 use reliability_core::fallback::{
-    apply_breaker, spawn_status_bridge, Breaker, BreakerConfig, DrainReport, Fallback, Probe,
-    ProbeTask, RateLimitPolicy, ReconcileReport,
+    apply_breaker, spawn_status_bridge, Breaker, BreakerConfig, DrainReport, Fallback,
+    PrimaryIdentity, Probe, ProbeTask, RateLimitPolicy, ReconcileReport,
 };
 use reliability_core::status::{BreakerState, Redacted, StatusHub};
 use reliability_core::{Error, KeySpace, Result, SharedClock, Spool, UnavailableReason};
@@ -241,15 +241,24 @@ impl CheckedProbe {
 #[async_trait]
 impl Probe for CheckedProbe {
     async fn probe(&self) -> Result<()> {
-        let outcome = match Probe::probe(&self.client).await {
-            Ok(()) => {
+        self.probe_identity().await.map(|_| ())
+    }
+
+    /// The client's probe with the server's identity (so the breaker sees a
+    /// Redis that lost its data), then the eviction check.
+    async fn probe_identity(&self) -> Result<Option<PrimaryIdentity>> {
+        let outcome = match Probe::probe_identity(&self.client).await {
+            Ok(identity) => {
                 let what = "idempotency, rate limit and spool";
-                self.client.check_eviction(what, self.on_evicting).await
+                self.client
+                    .check_eviction(what, self.on_evicting)
+                    .await
+                    .map(|()| identity)
             }
             Err(e) => Err(e),
         };
         let alert = match &outcome {
-            Ok(()) => self.accepted_policy().await,
+            Ok(_) => self.accepted_policy().await,
             // Redis answered, and refused: a deployment error.
             Err(e) if !e.is_unavailable() => Some(e.to_string()),
             Err(e) if e.unavailable_reason() == Some(UnavailableReason::Misconfigured) => {
