@@ -1,6 +1,6 @@
 //! Chaos run of the `redis-enabled` profile: mixed load while Redis is
 //! killed (-9) and restarted, then stopped (SIGSTOP) and resumed, with a
-//! report of what callers and the delivery worker saw (seed 003: downtime,
+//! report of what callers and the delivery worker saw (downtime,
 //! recovery time, records lost or duplicated, retries and backoff).
 //!
 //! It starts its own `redis-server` (Debian's package; `scripts/test.sh`
