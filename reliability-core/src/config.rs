@@ -2,7 +2,7 @@
 //! Redis, where the disk spool lives, the spool limits, the retry schedule and
 //! the fallback policy.
 //!
-//! The keys are seed 000's, in camelCase, under a top-level `reliability:`
+//! The keys are in camelCase, under a top-level `reliability:`
 //! map (the facade's `reliability::config::from_yaml_str` reads that map):
 //!
 //! ```yaml
@@ -26,7 +26,7 @@
 //!
 //! A component key that is absent takes the profile's choice: `baseline`
 //! means `memory` / `local` / `none`, `redis-enabled` means `redis` for all
-//! three (seed 000: "enable the reliability profile, the system uses Redis").
+//! three (enabling the profile means using Redis).
 //! The effective choice is [`ReliabilityConfig::idempotency_backend`],
 //! [`rate_limiter_backend`](ReliabilityConfig::rate_limiter_backend) and
 //! [`spool_backend`](ReliabilityConfig::spool_backend).
@@ -87,7 +87,7 @@ pub const REDACTED: &str = "***";
 // Choices
 // ---------------------------------------------------------------------------
 
-/// The runtime profile (seed 000).
+/// The runtime profile.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 #[non_exhaustive]
@@ -1028,7 +1028,7 @@ impl Default for MemoryConfig {
     }
 }
 
-/// Limits every spool enforces (seed 004's defaults).
+/// Limits every spool enforces, with their defaults.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
 #[non_exhaustive]

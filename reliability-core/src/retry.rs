@@ -1,6 +1,6 @@
 //! The retry schedule of the delivery worker.
 //!
-//! The default schedule (seed 004) waits 1 min, 5 min, 15 min, 1 h, 4 h and
+//! The default schedule waits 1 min, 5 min, 15 min, 1 h, 4 h and
 //! 24 h between tries, each with up to ±10 % jitter, so a record whose
 //! delivery always fails is tried 7 times (at about 0, 1m, 6m, 21m, 1h21m,
 //! 5h21m and 29h21m) and then dead-lettered.

@@ -27,15 +27,15 @@ use crate::error::{Error, Result};
 use crate::idempotency::LeaseToken;
 use crate::key::validate_record_id;
 
-/// Default maximum number of records a spool holds (seed 004).
+/// Default maximum number of records a spool holds.
 pub const DEFAULT_MAX_RECORDS: u64 = 10_000;
 /// Default maximum of payload bytes a spool holds.
 pub const DEFAULT_MAX_BYTES: u64 = 256 * 1024 * 1024;
 /// Default limit on one record's payload.
 pub const DEFAULT_MAX_RECORD_BYTES: usize = 1024 * 1024;
-/// Default retention: 7 days (seed 004).
+/// Default retention: 7 days.
 pub const DEFAULT_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
-/// Default depth above which status reports an alert (seed 004).
+/// Default depth above which status reports an alert.
 pub const DEFAULT_ALERT_DEPTH: u64 = 100;
 
 /// A producer-assigned record id: 1 to 128 bytes, no control characters.
@@ -339,7 +339,7 @@ impl SpoolStats {
     }
 }
 
-/// Limits every spool backend enforces, with the defaults of seed 004.
+/// Limits every spool backend enforces, with their defaults.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct SpoolLimits {

@@ -1,9 +1,9 @@
-//! The health status model (seed 000's shape) and the hub that publishes it.
+//! The health status model and the hub that publishes it.
 //!
 //! A [`HealthStatus`] says which backend answers each primitive now, whether
 //! Redis is available, the breaker's state, the spool's depth, and one
 //! [`Overall`] verdict. Serialized (serde, camelCase) inside
-//! [`HealthStatus::document`] it reads like seed 000's example:
+//! [`HealthStatus::document`] it reads like this:
 //!
 //! ```yaml
 //! status:
@@ -341,7 +341,7 @@ pub enum RedisFallback {
     /// Nothing is replaced: Redis answers, or is not used.
     #[default]
     None,
-    /// The baseline backends answer (seed 000's `fallback: baseline`).
+    /// The baseline backends answer (`fallback: baseline`).
     Baseline,
 }
 
@@ -564,7 +564,7 @@ impl SpoolHealth {
     }
 }
 
-/// The reliability layer's health (seed 000's `status.reliability`).
+/// The reliability layer's health (`status.reliability` in the document).
 ///
 /// Serialized camelCase with `components` holding the backend answering now
 /// and `fallbackFrom` the configured one for each component in fallback.
@@ -670,7 +670,7 @@ impl HealthStatus {
         true
     }
 
-    /// Wraps the status as seed 000 shows it: `status: { reliability: .. }`.
+    /// Wraps the status as a document: `status: { reliability: .. }`.
     pub fn document(&self) -> StatusDocument<'_> {
         StatusDocument {
             status: StatusSection { reliability: self },

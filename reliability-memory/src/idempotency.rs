@@ -109,7 +109,7 @@ impl Expiry<String, Entry> for EntryExpiry {
         _left: Option<Duration>,
     ) -> Option<Duration> {
         // The entry's deadline changed (complete, extend, re-acquire): the
-        // new TTL, never the old one (CONTRACT.md section 1).
+        // new TTL, never the old one (the idempotency rules).
         self.ttl(value)
     }
 }

@@ -128,7 +128,7 @@ fn defaults_and_capabilities() {
 }
 
 /// With a real-time clock moka also expires entries physically; completing
-/// must move that deadline to the retention (CONTRACT.md: the `Expiry` returns
+/// must move that deadline to the retention (the `Expiry` returns
 /// the new TTL on update), or the completed entry would vanish with the lease.
 #[tokio::test]
 async fn real_clock_complete_outlives_the_lease() {

@@ -1,5 +1,5 @@
 //! `LocalRateLimiter` keyed state stays under a fixed memory cap however many
-//! distinct keys pass through it (CONTRACT.md section 2: governor's keyed map
+//! distinct keys pass through it (governor's keyed map
 //! grows until `retain_recent`; ours must not).
 //!
 //! A counting global allocator (the `cap` crate: the workspace forbids unsafe

@@ -1,4 +1,4 @@
-//! Conformance cases for [`IdempotencyStore`] (CONTRACT.md section 1).
+//! Conformance cases for [`IdempotencyStore`] (the idempotency rules).
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -37,7 +37,7 @@
 //!
 //! # Rule to case mapping
 //!
-//! CONTRACT.md section 0 (common rules):
+//! Common rules:
 //!
 //! | rule | cases |
 //! |---|---|

@@ -1,4 +1,4 @@
-//! Conformance cases for [`RateLimiter`] (CONTRACT.md section 2).
+//! Conformance cases for [`RateLimiter`] (the rate-limit rules).
 
 use std::collections::HashMap;
 use std::sync::Arc;

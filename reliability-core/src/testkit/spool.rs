@@ -1,4 +1,4 @@
-//! Conformance cases for [`Spool`] (CONTRACT.md section 3).
+//! Conformance cases for [`Spool`] (the spool rules).
 
 use std::collections::HashSet;
 use std::sync::Arc;
