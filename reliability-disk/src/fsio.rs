@@ -140,10 +140,12 @@ pub mod faults {
     //! `DiskSpoolBuilder::faults` makes the spool's file-system calls fail
     //! as a production disk does. Not for production use.
 
+    use std::collections::HashMap;
     use std::fs::File;
     use std::io;
+    use std::os::unix::fs::MetadataExt as _;
     use std::path::{Path, PathBuf};
-    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
     use std::sync::{Arc, Condvar, Mutex, PoisonError};
     use std::thread::ThreadId;
 
@@ -256,6 +258,83 @@ pub mod faults {
         trace: Mutex<Vec<Event>>,
         held: Mutex<Option<Op>>,
         released: Condvar,
+        /// Per file (device, inode): its path and the byte ranges written
+        /// since its last successful sync, and those a lost sync dropped.
+        unsynced: Mutex<HashMap<(u64, u64), Unsynced>>,
+        /// The power is cut: every call fails.
+        off: AtomicBool,
+    }
+
+    #[derive(Debug, Default)]
+    struct Unsynced {
+        path: PathBuf,
+        written: Vec<(u64, u64)>,
+        lost: Vec<(u64, u64)>,
+    }
+
+    /// What a power cut drops: per file, the byte ranges that never reached
+    /// the disk. See [`Faults::power_cut`].
+    #[derive(Debug, Default)]
+    pub struct PowerCut(Vec<(PathBuf, Vec<(u64, u64)>)>);
+
+    impl PowerCut {
+        /// Bytes it drops.
+        pub fn bytes(&self) -> u64 {
+            self.0
+                .iter()
+                .flat_map(|(_, r)| r.iter().map(|&(_, len)| len))
+                .sum()
+        }
+
+        /// Overwrites the dropped ranges with zeros (as far as each file
+        /// still reaches), as the disk holds them after the cut. Call once
+        /// nothing writes the files any more.
+        ///
+        /// # Errors
+        /// A file that exists cannot be written.
+        pub fn apply(&self) -> io::Result<()> {
+            use std::os::unix::fs::FileExt as _;
+            for (path, ranges) in &self.0 {
+                let file = match std::fs::OpenOptions::new().write(true).open(path) {
+                    Ok(f) => f,
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(e),
+                };
+                let len = file.metadata()?.len();
+                for &(off, n) in ranges {
+                    let end = (off + n).min(len);
+                    if end > off {
+                        let zeros = vec![0u8; (end - off) as usize];
+                        file.write_all_at(&zeros, off)?;
+                    }
+                }
+            }
+            Ok(())
+        }
+    }
+
+    /// `ranges` (offset, length) without the bytes of `cut`.
+    fn subtract(ranges: &[(u64, u64)], cut: (u64, u64)) -> Vec<(u64, u64)> {
+        let (c0, c1) = (cut.0, cut.0 + cut.1);
+        let mut out = Vec::with_capacity(ranges.len() + 1);
+        for &(off, len) in ranges {
+            let (r0, r1) = (off, off + len);
+            if r1 <= c0 || c1 <= r0 {
+                out.push((off, len));
+                continue;
+            }
+            if r0 < c0 {
+                out.push((r0, c0 - r0));
+            }
+            if c1 < r1 {
+                out.push((c1, r1 - c1));
+            }
+        }
+        out
+    }
+
+    fn key(file: &File) -> Option<(u64, u64)> {
+        file.metadata().ok().map(|m| (m.dev(), m.ino()))
     }
 
     impl Faults {
@@ -321,8 +400,70 @@ pub mod faults {
             self.released.notify_all();
         }
 
-        /// Counts and traces a call; returns the fault to inject.
+        /// Cuts the power: from now on every call fails (EIO, not counted
+        /// as a fault); returns what the cut drops: every byte range
+        /// written since its file's last successful sync, and those a lost
+        /// sync dropped. [`PowerCut::apply`] writes that to the files once
+        /// the spool is gone; [`power_on`](Self::power_on) lets calls work
+        /// again.
+        pub fn power_cut(&self) -> PowerCut {
+            self.off.store(true, Ordering::Release);
+            let mut all = lock(&self.unsynced);
+            PowerCut(
+                all.drain()
+                    .map(|(_, mut u)| {
+                        u.lost.append(&mut u.written);
+                        (u.path, u.lost)
+                    })
+                    .filter(|(_, r)| !r.is_empty())
+                    .collect(),
+            )
+        }
+
+        /// Calls work again after a [`power_cut`](Self::power_cut).
+        pub fn power_on(&self) {
+            self.off.store(false, Ordering::Release);
+        }
+
         fn enter(&self, op: Op, path: Option<&Path>, len: usize) -> io::Result<()> {
+            match self.fault_for(op, path, len) {
+                Some(f) => Err(f.error()),
+                None => Ok(()),
+            }
+        }
+
+        /// A sync of `file`: a lost one drops what was written since the
+        /// last good one, a good one makes it durable.
+        fn sync(&self, file: &File, real: impl FnOnce() -> io::Result<()>) -> io::Result<()> {
+            let fault = self.fault_for(Op::Sync, None, 0);
+            let mut all = lock(&self.unsynced);
+            let u = key(file).and_then(|k| all.get_mut(&k));
+            match (fault, u) {
+                (Some(Fault::LostSync), Some(u)) => {
+                    let mut w = std::mem::take(&mut u.written);
+                    u.lost.append(&mut w);
+                }
+                (None, Some(u)) => {
+                    // Durable now, even where a lost sync had dropped
+                    // earlier bytes.
+                    for w in std::mem::take(&mut u.written) {
+                        u.lost = subtract(&u.lost, w);
+                    }
+                }
+                _ => {}
+            }
+            drop(all);
+            match fault {
+                Some(f) => Err(f.error()),
+                None => real(),
+            }
+        }
+
+        /// Counts and traces a call; returns the fault to inject.
+        fn fault_for(&self, op: Op, path: Option<&Path>, len: usize) -> Option<Fault> {
+            if self.off.load(Ordering::Acquire) {
+                return Some(Fault::Eio);
+            }
             {
                 let mut held = lock(&self.held);
                 while *held == Some(op) {
@@ -352,10 +493,7 @@ pub mod faults {
                 });
             }
             drop(trace);
-            match fault {
-                Some(f) => Err(f.error()),
-                None => Ok(()),
-            }
+            fault
         }
     }
 
@@ -366,7 +504,13 @@ pub mod faults {
     impl Fs for Faults {
         fn open(&self, path: &Path, how: Open) -> io::Result<File> {
             self.enter(Op::Open, Some(path), 0)?;
-            RealFs.open(path, how)
+            let file = RealFs.open(path, how)?;
+            if how != Open::Read {
+                if let Some(k) = key(&file) {
+                    lock(&self.unsynced).entry(k).or_default().path = path.to_path_buf();
+                }
+            }
+            Ok(file)
         }
 
         fn read_at(&self, file: &File, buf: &mut [u8], off: u64) -> io::Result<()> {
@@ -376,17 +520,21 @@ pub mod faults {
 
         fn write_at(&self, file: &File, buf: &[u8], off: u64) -> io::Result<()> {
             self.enter(Op::Write, None, buf.len())?;
-            RealFs.write_at(file, buf, off)
+            RealFs.write_at(file, buf, off)?;
+            if let Some(k) = key(file) {
+                if let Some(u) = lock(&self.unsynced).get_mut(&k) {
+                    u.written.push((off, buf.len() as u64));
+                }
+            }
+            Ok(())
         }
 
         fn sync_data(&self, file: &File) -> io::Result<()> {
-            self.enter(Op::Sync, None, 0)?;
-            RealFs.sync_data(file)
+            self.sync(file, || RealFs.sync_data(file))
         }
 
         fn sync_all(&self, file: &File) -> io::Result<()> {
-            self.enter(Op::Sync, None, 0)?;
-            RealFs.sync_all(file)
+            self.sync(file, || RealFs.sync_all(file))
         }
 
         fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
