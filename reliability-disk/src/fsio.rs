@@ -7,7 +7,8 @@
 //! production; [`faults::Faults`] wraps it for tests and fails the Nth call
 //! of a kind with EIO, EMFILE or ENOSPC, or fails an `fdatasync` the way
 //! Linux reports a lost writeback: once, with the next call reporting
-//! success.
+//! success. It also cuts the power: what was written and not synced since
+//! (and what a lost sync dropped) is zeroed.
 
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
