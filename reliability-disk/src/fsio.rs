@@ -155,6 +155,8 @@ pub mod faults {
     const EIO: i32 = 5;
     const EMFILE: i32 = 24;
     const ENOSPC: i32 = 28;
+    /// The page size the power cut works with.
+    const PAGE: u64 = 4096;
     /// Calls traced at most (the first ones).
     const TRACE_MAX: usize = 100_000;
 
@@ -445,10 +447,14 @@ pub mod faults {
                     u.lost.append(&mut w);
                 }
                 (None, Some(u)) => {
-                    // Durable now, even where a lost sync had dropped
-                    // earlier bytes.
-                    for w in std::mem::take(&mut u.written) {
-                        u.lost = subtract(&u.lost, w);
+                    // Durable now. The kernel writes whole pages: a page
+                    // written again is written back whole, with the bytes a
+                    // lost sync had dropped (still cached: eviction is not
+                    // modelled).
+                    for (off, len) in std::mem::take(&mut u.written) {
+                        let start = off - off % PAGE;
+                        let end = (off + len).next_multiple_of(PAGE);
+                        u.lost = subtract(&u.lost, (start, end - start));
                     }
                 }
                 _ => {}
