@@ -155,8 +155,11 @@ pub mod faults {
     const EIO: i32 = 5;
     const EMFILE: i32 = 24;
     const ENOSPC: i32 = 28;
-    /// The page size the power cut works with.
-    const PAGE: u64 = 4096;
+    /// The unit of write-back the power cut works with: a disk sector, not
+    /// the kernel's 4 KiB page, so that it keeps less of a lost sync's
+    /// bytes than a real cut could (a stricter test; the test segments are
+    /// smaller than a page).
+    const PAGE: u64 = 512;
     /// Calls traced at most (the first ones).
     const TRACE_MAX: usize = 100_000;
 
@@ -447,7 +450,7 @@ pub mod faults {
                     u.lost.append(&mut w);
                 }
                 (None, Some(u)) => {
-                    // Durable now. The kernel writes whole pages: a page
+                    // Durable now. Write-back is by whole pages: a page
                     // written again is written back whole, with the bytes a
                     // lost sync had dropped (still cached: eviction is not
                     // modelled).
