@@ -7,7 +7,8 @@
 //! production; [`faults::Faults`] wraps it for tests and fails the Nth call
 //! of a kind with EIO, EMFILE or ENOSPC, or fails an `fdatasync` the way
 //! Linux reports a lost writeback: once, with the next call reporting
-//! success.
+//! success. It also cuts the power: what was written and not synced since
+//! (and what a lost sync dropped) is zeroed.
 
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
@@ -126,8 +127,10 @@ pub(crate) fn create_dir_durably(fs: &dyn Fs, dir: &Path) -> io::Result<()> {
     }
     fs.create_dir(dir)?;
     for d in missing.iter().rev() {
-        if let Some(parent) = d.parent().filter(|p| !p.as_os_str().is_empty()) {
-            fs.sync_dir(parent)?;
+        match d.parent() {
+            Some(parent) if parent.as_os_str().is_empty() => fs.sync_dir(Path::new("."))?,
+            Some(parent) => fs.sync_dir(parent)?,
+            None => {}
         }
     }
     Ok(())
@@ -138,10 +141,12 @@ pub mod faults {
     //! `DiskSpoolBuilder::faults` makes the spool's file-system calls fail
     //! as a production disk does. Not for production use.
 
+    use std::collections::HashMap;
     use std::fs::File;
     use std::io;
+    use std::os::unix::fs::MetadataExt as _;
     use std::path::{Path, PathBuf};
-    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
     use std::sync::{Arc, Condvar, Mutex, PoisonError};
     use std::thread::ThreadId;
 
@@ -150,6 +155,11 @@ pub mod faults {
     const EIO: i32 = 5;
     const EMFILE: i32 = 24;
     const ENOSPC: i32 = 28;
+    /// The unit of write-back the power cut works with: a disk sector, not
+    /// the kernel's 4 KiB page, so that it keeps less of a lost sync's
+    /// bytes than a real cut could (a stricter test; the test segments are
+    /// smaller than a page).
+    const PAGE: u64 = 512;
     /// Calls traced at most (the first ones).
     const TRACE_MAX: usize = 100_000;
 
@@ -254,6 +264,83 @@ pub mod faults {
         trace: Mutex<Vec<Event>>,
         held: Mutex<Option<Op>>,
         released: Condvar,
+        /// Per file (device, inode): its path and the byte ranges written
+        /// since its last successful sync, and those a lost sync dropped.
+        unsynced: Mutex<HashMap<(u64, u64), Unsynced>>,
+        /// The power is cut: every call fails.
+        off: AtomicBool,
+    }
+
+    #[derive(Debug, Default)]
+    struct Unsynced {
+        path: PathBuf,
+        written: Vec<(u64, u64)>,
+        lost: Vec<(u64, u64)>,
+    }
+
+    /// What a power cut drops: per file, the byte ranges that never reached
+    /// the disk. See [`Faults::power_cut`].
+    #[derive(Debug, Default)]
+    pub struct PowerCut(Vec<(PathBuf, Vec<(u64, u64)>)>);
+
+    impl PowerCut {
+        /// Bytes it drops.
+        pub fn bytes(&self) -> u64 {
+            self.0
+                .iter()
+                .flat_map(|(_, r)| r.iter().map(|&(_, len)| len))
+                .sum()
+        }
+
+        /// Overwrites the dropped ranges with zeros (as far as each file
+        /// still reaches), as the disk holds them after the cut. Call once
+        /// nothing writes the files any more.
+        ///
+        /// # Errors
+        /// A file that exists cannot be written.
+        pub fn apply(&self) -> io::Result<()> {
+            use std::os::unix::fs::FileExt as _;
+            for (path, ranges) in &self.0 {
+                let file = match std::fs::OpenOptions::new().write(true).open(path) {
+                    Ok(f) => f,
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(e),
+                };
+                let len = file.metadata()?.len();
+                for &(off, n) in ranges {
+                    let end = (off + n).min(len);
+                    if end > off {
+                        let zeros = vec![0u8; (end - off) as usize];
+                        file.write_all_at(&zeros, off)?;
+                    }
+                }
+            }
+            Ok(())
+        }
+    }
+
+    /// `ranges` (offset, length) without the bytes of `cut`.
+    fn subtract(ranges: &[(u64, u64)], cut: (u64, u64)) -> Vec<(u64, u64)> {
+        let (c0, c1) = (cut.0, cut.0 + cut.1);
+        let mut out = Vec::with_capacity(ranges.len() + 1);
+        for &(off, len) in ranges {
+            let (r0, r1) = (off, off + len);
+            if r1 <= c0 || c1 <= r0 {
+                out.push((off, len));
+                continue;
+            }
+            if r0 < c0 {
+                out.push((r0, c0 - r0));
+            }
+            if c1 < r1 {
+                out.push((c1, r1 - c1));
+            }
+        }
+        out
+    }
+
+    fn key(file: &File) -> Option<(u64, u64)> {
+        file.metadata().ok().map(|m| (m.dev(), m.ino()))
     }
 
     impl Faults {
@@ -319,8 +406,74 @@ pub mod faults {
             self.released.notify_all();
         }
 
-        /// Counts and traces a call; returns the fault to inject.
+        /// Cuts the power: from now on every call fails (EIO, not counted
+        /// as a fault); returns what the cut drops: every byte range
+        /// written since its file's last successful sync, and those a lost
+        /// sync dropped. [`PowerCut::apply`] writes that to the files once
+        /// the spool is gone; [`power_on`](Self::power_on) lets calls work
+        /// again.
+        pub fn power_cut(&self) -> PowerCut {
+            self.off.store(true, Ordering::Release);
+            let mut all = lock(&self.unsynced);
+            PowerCut(
+                all.drain()
+                    .map(|(_, mut u)| {
+                        u.lost.append(&mut u.written);
+                        (u.path, u.lost)
+                    })
+                    .filter(|(_, r)| !r.is_empty())
+                    .collect(),
+            )
+        }
+
+        /// Calls work again after a [`power_cut`](Self::power_cut).
+        pub fn power_on(&self) {
+            self.off.store(false, Ordering::Release);
+        }
+
         fn enter(&self, op: Op, path: Option<&Path>, len: usize) -> io::Result<()> {
+            match self.fault_for(op, path, len) {
+                Some(f) => Err(f.error()),
+                None => Ok(()),
+            }
+        }
+
+        /// A sync of `file`: a lost one drops what was written since the
+        /// last good one, a good one makes it durable.
+        fn sync(&self, file: &File, real: impl FnOnce() -> io::Result<()>) -> io::Result<()> {
+            let fault = self.fault_for(Op::Sync, None, 0);
+            let mut all = lock(&self.unsynced);
+            let u = key(file).and_then(|k| all.get_mut(&k));
+            match (fault, u) {
+                (Some(Fault::LostSync), Some(u)) => {
+                    let mut w = std::mem::take(&mut u.written);
+                    u.lost.append(&mut w);
+                }
+                (None, Some(u)) => {
+                    // Durable now. Write-back is by whole pages: a page
+                    // written again is written back whole, with the bytes a
+                    // lost sync had dropped (still cached: eviction is not
+                    // modelled).
+                    for (off, len) in std::mem::take(&mut u.written) {
+                        let start = off - off % PAGE;
+                        let end = (off + len).next_multiple_of(PAGE);
+                        u.lost = subtract(&u.lost, (start, end - start));
+                    }
+                }
+                _ => {}
+            }
+            drop(all);
+            match fault {
+                Some(f) => Err(f.error()),
+                None => real(),
+            }
+        }
+
+        /// Counts and traces a call; returns the fault to inject.
+        fn fault_for(&self, op: Op, path: Option<&Path>, len: usize) -> Option<Fault> {
+            if self.off.load(Ordering::Acquire) {
+                return Some(Fault::Eio);
+            }
             {
                 let mut held = lock(&self.held);
                 while *held == Some(op) {
@@ -350,10 +503,7 @@ pub mod faults {
                 });
             }
             drop(trace);
-            match fault {
-                Some(f) => Err(f.error()),
-                None => Ok(()),
-            }
+            fault
         }
     }
 
@@ -364,7 +514,13 @@ pub mod faults {
     impl Fs for Faults {
         fn open(&self, path: &Path, how: Open) -> io::Result<File> {
             self.enter(Op::Open, Some(path), 0)?;
-            RealFs.open(path, how)
+            let file = RealFs.open(path, how)?;
+            if how != Open::Read {
+                if let Some(k) = key(&file) {
+                    lock(&self.unsynced).entry(k).or_default().path = path.to_path_buf();
+                }
+            }
+            Ok(file)
         }
 
         fn read_at(&self, file: &File, buf: &mut [u8], off: u64) -> io::Result<()> {
@@ -374,17 +530,21 @@ pub mod faults {
 
         fn write_at(&self, file: &File, buf: &[u8], off: u64) -> io::Result<()> {
             self.enter(Op::Write, None, buf.len())?;
-            RealFs.write_at(file, buf, off)
+            RealFs.write_at(file, buf, off)?;
+            if let Some(k) = key(file) {
+                if let Some(u) = lock(&self.unsynced).get_mut(&k) {
+                    u.written.push((off, buf.len() as u64));
+                }
+            }
+            Ok(())
         }
 
         fn sync_data(&self, file: &File) -> io::Result<()> {
-            self.enter(Op::Sync, None, 0)?;
-            RealFs.sync_data(file)
+            self.sync(file, || RealFs.sync_data(file))
         }
 
         fn sync_all(&self, file: &File) -> io::Result<()> {
-            self.enter(Op::Sync, None, 0)?;
-            RealFs.sync_all(file)
+            self.sync(file, || RealFs.sync_all(file))
         }
 
         fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {

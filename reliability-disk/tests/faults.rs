@@ -168,7 +168,8 @@ async fn failed_fsync_fails_the_enqueue_and_stops_writes_until_reopen() {
 }
 
 /// A failed sync is never followed by compaction: the segments holding the
-/// only synced copy of relocated records stay.
+/// only synced copy of relocated records stay, and a power cut after it
+/// loses no acknowledged record.
 #[tokio::test]
 async fn failed_fsync_is_never_followed_by_compaction() {
     let tmp = tempfile::tempdir().expect("tempdir");
@@ -198,14 +199,22 @@ async fn failed_fsync_is_never_followed_by_compaction() {
         .iter()
         .filter(|e| e.op == Op::Unlink)
         .collect();
+    // Then the power goes: what the failed sync dropped, and everything
+    // written since the last good sync, never reaches the disk.
+    let cut = faults.power_cut();
+    drop(spool);
+    DiskSpool::wait_dropped(tmp.path()).await;
+    cut.apply().expect("power cut");
+    let ids = ids_after_reopen(tmp.path()).await;
+    let lost: Vec<_> = kept.difference(&ids).collect();
+    assert!(
+        lost.is_empty(),
+        "acknowledged records lost after a power cut: {lost:?}"
+    );
     assert!(
         unlinks.is_empty(),
         "segments deleted after a failed sync: {unlinks:?}"
     );
-    drop(spool);
-    let ids = ids_after_reopen(tmp.path()).await;
-    let lost: Vec<_> = kept.difference(&ids).collect();
-    assert!(lost.is_empty(), "acknowledged records lost: {lost:?}");
 }
 
 /// A failed periodic sync (`FsyncMode::Interval`) stops the spool from
