@@ -529,6 +529,9 @@ impl<P: IdempotencyStore, S: IdempotencyStore> Fallback<P, S> {
                 ));
             }
         }
+        if self.journal.completed.is_empty() {
+            return None;
+        }
         let done = self
             .journal
             .completed

@@ -224,6 +224,11 @@ impl<V: Weighed> Bounded<V> {
         self.map.get(key)
     }
 
+    /// `true` when no entry is held (a lock-free look).
+    pub(super) fn is_empty(&self) -> bool {
+        self.entries.load(Ordering::Relaxed) == 0
+    }
+
     /// Runs `f` on `key`'s entry, keeping the byte count right (and within
     /// the byte bound if the entry grew: others go, as of `now`).
     pub(super) fn update<R>(
@@ -333,13 +338,13 @@ impl<V: Weighed> Bounded<V> {
         let mut empty_in_a_row = 0;
         while self.over(room) && empty_in_a_row < SHARDS {
             let mut shard = lock(&self.map.shards[i]);
-            let mut order: Vec<(Option<(bool, Timestamp)>, &String)> = shard
+            let mut ranks: Vec<Option<(bool, Timestamp)>> = shard
                 .map
                 .iter()
                 .filter(|(k, _)| k.as_str() != key)
-                .map(|(k, v)| (v.live(now).then(|| v.rank()), k))
+                .map(|(_, v)| v.live(now).then(|| v.rank()))
                 .collect();
-            let n = (order.len() / 8).max(1).min(order.len());
+            let n = (ranks.len() / 8).max(1).min(ranks.len());
             if n == 0 {
                 drop(shard);
                 empty_in_a_row += 1;
@@ -347,18 +352,20 @@ impl<V: Weighed> Bounded<V> {
                 continue;
             }
             empty_in_a_row = 0;
-            order.select_nth_unstable_by_key(n - 1, |(rank, _)| *rank);
-            let victims: Vec<String> = order[..n].iter().map(|(_, k)| (*k).clone()).collect();
-            let (mut freed, mut live) = (0, 0);
-            for k in &victims {
-                if let Some((k, v)) = shard.map.remove_entry(k) {
-                    freed += cost(&k, &v);
-                    live += u64::from(v.live(now));
+            let (_, &mut cut, _) = ranks.select_nth_unstable(n - 1);
+            let (mut gone, mut freed, mut live) = (0, 0, 0);
+            shard.map.retain(|k, v| {
+                let rank = v.live(now).then(|| v.rank());
+                if gone == n || k.as_str() == key || rank > cut {
+                    return true;
                 }
-            }
+                gone += 1;
+                freed += cost(k, v);
+                live += u64::from(rank.is_some());
+                false
+            });
             drop(shard);
-            self.entries
-                .fetch_sub(victims.len() as u64, Ordering::Relaxed);
+            self.entries.fetch_sub(gone as u64, Ordering::Relaxed);
             self.bytes.fetch_sub(freed, Ordering::Relaxed);
             self.evicted.fetch_add(live, Ordering::Relaxed);
         }
