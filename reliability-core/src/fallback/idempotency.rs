@@ -61,7 +61,11 @@ pub(super) struct Journal {
     /// Leases acquired from the primary, by key: a completion can be
     /// recorded locally if the primary is gone, and a local claim of the
     /// same key during an outage sees that this process holds it.
-    primary_leases: Sharded<String, PrimaryLease>,
+    /// Keyed by a 64-bit hash of the key (see [`Fallback::slot`]): no copy
+    /// of the key per claim on the Closed path; a collision only makes a
+    /// local claim answer in progress, and tokens are still compared.
+    primary_leases: Sharded<u64, PrimaryLease>,
+    slots: std::hash::RandomState,
     versions: Versions,
     /// Primary leases released while the primary did not answer: released
     /// there by the next reconcile pass, before the key's replay (else the
@@ -88,6 +92,7 @@ impl Journal {
             entries: Bounded::new(limits),
             completed: Bounded::new(limits),
             primary_leases: Sharded::default(),
+            slots: std::hash::RandomState::new(),
             versions: Versions::default(),
             unreleased: Sharded::default(),
             conflicts: AtomicU64::new(0),
@@ -520,7 +525,7 @@ impl<P: IdempotencyStore, S: IdempotencyStore> Fallback<P, S> {
                 Claim::Mismatch
             }
         };
-        if let Some(held) = self.journal.primary_leases.get(key) {
+        if let Some(held) = self.journal.primary_leases.get(&self.slot(key)) {
             if held.expires_at > now {
                 let retry_after = held.expires_at.saturating_since(now);
                 return Some(known(
@@ -577,18 +582,25 @@ impl<P: IdempotencyStore, S: IdempotencyStore> Fallback<P, S> {
     fn primary_lease(&self, lease: &Lease) -> Option<PrimaryLease> {
         self.journal
             .primary_leases
-            .get(lease.key())
+            .get(&self.slot(lease.key()))
             .filter(|p| p.token == lease.token())
     }
 
+    /// Where `key`'s primary lease is kept.
+    fn slot(&self, key: &str) -> u64 {
+        use std::hash::BuildHasher;
+        self.journal.slots.hash_one(key)
+    }
+
     fn forget_primary_lease(&self, lease: &Lease) {
-        let mut shard = self.journal.primary_leases.shard(lease.key());
+        let slot = self.slot(lease.key());
+        let mut shard = self.journal.primary_leases.shard(&slot);
         if shard
             .map
-            .get(lease.key())
+            .get(&slot)
             .is_some_and(|p| p.token == lease.token())
         {
-            shard.map.remove(lease.key());
+            shard.map.remove(&slot);
         }
     }
 
@@ -633,7 +645,7 @@ impl<P: IdempotencyStore, S: IdempotencyStore> Fallback<P, S> {
     ) -> Result<Option<Claim>> {
         let now = self.now();
         self.journal.primary_leases.insert(
-            key.to_string(),
+            self.slot(key),
             PrimaryLease {
                 token: lease.token(),
                 fingerprint: *fingerprint,
@@ -896,11 +908,13 @@ impl<P: IdempotencyStore, S: IdempotencyStore> IdempotencyStore for Fallback<P, 
             })
             .await;
         if r.is_ok() {
-            self.journal.primary_leases.update(lease.key(), |p| {
-                if p.token == lease.token() {
-                    p.expires_at = expires_at;
-                }
-            });
+            self.journal
+                .primary_leases
+                .update(&self.slot(lease.key()), |p| {
+                    if p.token == lease.token() {
+                        p.expires_at = expires_at;
+                    }
+                });
         }
         r
     }
