@@ -485,6 +485,12 @@ impl<P: IdempotencyStore, S: IdempotencyStore> Fallback<P, S> {
     }
 
     fn journal_live(&self, key: &str) -> bool {
+        // Lock-free while the journal is empty (the Closed path): a local
+        // claim journaling this key meanwhile is caught by the primary
+        // claim's own look at the journal (`hold_primary_lease`).
+        if self.journal.entries.is_empty() {
+            return false;
+        }
         let now = self.now();
         self.journal
             .entries
