@@ -471,7 +471,8 @@ async fn the_journal_is_bounded_by_entries_and_bytes() {
             .unwrap();
     }
     let usage = fallback.journal_usage();
-    assert_eq!((usage.entries, usage.evicted), (8, 56), "{usage:?}");
+    assert!(usage.entries <= 8, "{usage:?}");
+    assert_eq!(usage.entries + usage.evicted, 64, "{usage:?}");
 
     let big = Fallback::new(
         s.primary.clone(),

@@ -61,7 +61,11 @@ pub(super) struct Journal {
     /// Leases acquired from the primary, by key: a completion can be
     /// recorded locally if the primary is gone, and a local claim of the
     /// same key during an outage sees that this process holds it.
-    primary_leases: Sharded<String, PrimaryLease>,
+    /// Keyed by a 64-bit hash of the key (see [`Fallback::slot`]): no copy
+    /// of the key per claim on the Closed path; a collision only makes a
+    /// local claim answer in progress, and tokens are still compared.
+    primary_leases: Sharded<u64, PrimaryLease>,
+    slots: std::hash::RandomState,
     versions: Versions,
     /// Primary leases released while the primary did not answer: released
     /// there by the next reconcile pass, before the key's replay (else the
@@ -88,6 +92,7 @@ impl Journal {
             entries: Bounded::new(limits),
             completed: Bounded::new(limits),
             primary_leases: Sharded::default(),
+            slots: std::hash::RandomState::new(),
             versions: Versions::default(),
             unreleased: Sharded::default(),
             conflicts: AtomicU64::new(0),
@@ -480,6 +485,12 @@ impl<P: IdempotencyStore, S: IdempotencyStore> Fallback<P, S> {
     }
 
     fn journal_live(&self, key: &str) -> bool {
+        // Lock-free while the journal is empty (the Closed path): a local
+        // claim journaling this key meanwhile is caught by the primary
+        // claim's own look at the journal (`hold_primary_lease`).
+        if self.journal.entries.is_empty() {
+            return false;
+        }
         let now = self.now();
         self.journal
             .entries
@@ -520,7 +531,7 @@ impl<P: IdempotencyStore, S: IdempotencyStore> Fallback<P, S> {
                 Claim::Mismatch
             }
         };
-        if let Some(held) = self.journal.primary_leases.get(key) {
+        if let Some(held) = self.journal.primary_leases.get(&self.slot(key)) {
             if held.expires_at > now {
                 let retry_after = held.expires_at.saturating_since(now);
                 return Some(known(
@@ -528,6 +539,9 @@ impl<P: IdempotencyStore, S: IdempotencyStore> Fallback<P, S> {
                     Claim::InProgress { retry_after },
                 ));
             }
+        }
+        if self.journal.completed.is_empty() {
+            return None;
         }
         let done = self
             .journal
@@ -574,18 +588,25 @@ impl<P: IdempotencyStore, S: IdempotencyStore> Fallback<P, S> {
     fn primary_lease(&self, lease: &Lease) -> Option<PrimaryLease> {
         self.journal
             .primary_leases
-            .get(lease.key())
+            .get(&self.slot(lease.key()))
             .filter(|p| p.token == lease.token())
     }
 
+    /// Where `key`'s primary lease is kept.
+    fn slot(&self, key: &str) -> u64 {
+        use std::hash::BuildHasher;
+        self.journal.slots.hash_one(key)
+    }
+
     fn forget_primary_lease(&self, lease: &Lease) {
-        let mut shard = self.journal.primary_leases.shard(lease.key());
+        let slot = self.slot(lease.key());
+        let mut shard = self.journal.primary_leases.shard(&slot);
         if shard
             .map
-            .get(lease.key())
+            .get(&slot)
             .is_some_and(|p| p.token == lease.token())
         {
-            shard.map.remove(lease.key());
+            shard.map.remove(&slot);
         }
     }
 
@@ -630,7 +651,7 @@ impl<P: IdempotencyStore, S: IdempotencyStore> Fallback<P, S> {
     ) -> Result<Option<Claim>> {
         let now = self.now();
         self.journal.primary_leases.insert(
-            key.to_string(),
+            self.slot(key),
             PrimaryLease {
                 token: lease.token(),
                 fingerprint: *fingerprint,
@@ -893,11 +914,13 @@ impl<P: IdempotencyStore, S: IdempotencyStore> IdempotencyStore for Fallback<P, 
             })
             .await;
         if r.is_ok() {
-            self.journal.primary_leases.update(lease.key(), |p| {
-                if p.token == lease.token() {
-                    p.expires_at = expires_at;
-                }
-            });
+            self.journal
+                .primary_leases
+                .update(&self.slot(lease.key()), |p| {
+                    if p.token == lease.token() {
+                        p.expires_at = expires_at;
+                    }
+                });
         }
         r
     }

@@ -224,6 +224,11 @@ impl<V: Weighed> Bounded<V> {
         self.map.get(key)
     }
 
+    /// `true` when no entry is held (a lock-free look).
+    pub(super) fn is_empty(&self) -> bool {
+        self.entries.load(Ordering::Relaxed) == 0
+    }
+
     /// Runs `f` on `key`'s entry, keeping the byte count right (and within
     /// the byte bound if the entry grew: others go, as of `now`).
     pub(super) fn update<R>(
@@ -321,39 +326,48 @@ impl<V: Weighed> Bounded<V> {
             || self.bytes.load(Ordering::Relaxed) + bytes > self.limits.max_bytes
     }
 
-    /// Evicts others than `key` until `room` fits: from `key`'s shard
-    /// first, then the next ones, lowest [`rank`](Weighed::rank) first
-    /// within a shard.
+    /// Evicts others than `key` until `room` fits: from `key`'s shard first,
+    /// then the next ones; in a shard, the dead entries and an eighth of the
+    /// live ones, lowest [`rank`](Weighed::rank) first, so the scan of a full
+    /// shard is paid once per many inserts, not on each.
     fn make_room(&self, key: &str, room: Room, now: Timestamp) {
         if !self.over(room) {
             return;
         }
-        let home = self.map.index(key);
+        let mut i = self.map.index(key);
         let mut empty_in_a_row = 0;
-        let mut i = home;
         while self.over(room) && empty_in_a_row < SHARDS {
             let mut shard = lock(&self.map.shards[i]);
-            let victim = shard
+            let mut ranks: Vec<Option<(bool, Timestamp)>> = shard
                 .map
                 .iter()
                 .filter(|(k, _)| k.as_str() != key)
-                .min_by_key(|(_, v)| if v.live(now) { Some(v.rank()) } else { None })
-                .map(|(k, _)| k.clone());
-            match victim.and_then(|k| shard.map.remove_entry(&k)) {
-                Some((k, v)) => {
-                    let live = v.live(now);
-                    drop(shard);
-                    self.counted(None, Some(cost(&k, &v)));
-                    if live {
-                        self.evicted.fetch_add(1, Ordering::Relaxed);
-                    }
-                    empty_in_a_row = 0;
-                }
-                None => {
-                    empty_in_a_row += 1;
-                    i = (i + 1) % SHARDS;
-                }
+                .map(|(_, v)| v.live(now).then(|| v.rank()))
+                .collect();
+            let n = (ranks.len() / 8).max(1).min(ranks.len());
+            if n == 0 {
+                drop(shard);
+                empty_in_a_row += 1;
+                i = (i + 1) % SHARDS;
+                continue;
             }
+            empty_in_a_row = 0;
+            let (_, &mut cut, _) = ranks.select_nth_unstable(n - 1);
+            let (mut gone, mut freed, mut live) = (0, 0, 0);
+            shard.map.retain(|k, v| {
+                let rank = v.live(now).then(|| v.rank());
+                if gone == n || k.as_str() == key || rank > cut {
+                    return true;
+                }
+                gone += 1;
+                freed += cost(k, v);
+                live += u64::from(rank.is_some());
+                false
+            });
+            drop(shard);
+            self.entries.fetch_sub(gone as u64, Ordering::Relaxed);
+            self.bytes.fetch_sub(freed, Ordering::Relaxed);
+            self.evicted.fetch_add(live, Ordering::Relaxed);
         }
     }
 }
