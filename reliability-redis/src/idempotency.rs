@@ -25,6 +25,12 @@
 //! (Under a test clock override every claim writes `exp` from the
 //! override's time, and keys get a margin.)
 //!
+//! A claim whose answer never came (the server hung or died, the caller
+//! gave up at its deadline) may still run on the server, holding the key
+//! under a token no caller has: the store keeps such tokens, and when a
+//! later claim of the key answers in progress it releases them (owner
+//! checked) and claims once more.
+//!
 //! ```no_run
 //! # #[allow(dead_code)]
 //! # async fn demo(client: reliability_redis::RedisClient) -> reliability_core::Result<()> {

@@ -16,6 +16,10 @@ use reliability_core::LeaseToken;
 /// keys answer in progress until the lease ends, as without this record).
 const MAX_KEYS: usize = 4_096;
 
+/// Tokens are kept at most this long (a longer lease still ends in time
+/// arithmetic that cannot overflow).
+const LONGEST: Duration = Duration::from_secs(366 * 86_400);
+
 /// Tokens of unanswered claims by key, each with the end of its lease.
 #[derive(Debug, Default)]
 pub(crate) struct Unanswered {
@@ -33,8 +37,7 @@ impl Unanswered {
     /// A claim of `key` under `token` is being sent: remembered unless
     /// [`Sent::answered`] is called before the returned guard drops.
     pub(crate) fn sent<'a>(&'a self, key: &'a str, token: LeaseToken, lease: Duration) -> Sent<'a> {
-        let now = Instant::now();
-        let until = now.checked_add(lease).unwrap_or(now);
+        let until = Instant::now() + lease.min(LONGEST);
         Sent {
             unanswered: self,
             claim: Some((key, (token, until))),
