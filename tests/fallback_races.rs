@@ -603,3 +603,47 @@ async fn claims_completed_before_a_data_loss_are_replayed() {
         "other replicas see it again"
     );
 }
+
+/// The primary restarts with its data (a new identity, its keys kept, as
+/// a Redis restarted from its append-only file) after a local claim still
+/// in progress was replayed: the primary holds the key under the replay's
+/// lease, which is this process's own, so the replay after the data loss
+/// finds it held and reconciliation finishes; the completion reaches the
+/// primary.
+#[tokio::test]
+async fn a_replayed_claim_kept_across_a_restart_is_not_pending_forever() {
+    use reliability::fallback::PrimaryIdentity;
+    let s = setup();
+    s.breaker
+        .observe_identity(PrimaryIdentity::new("run-1", None));
+    s.breaker.isolate();
+    let lease = acquire(&*s.fallback, "k", &fp("a")).await;
+    fail_back(&s.breaker);
+    assert_eq!(s.fallback.reconcile().await.unwrap().replayed, 1);
+    assert_eq!(s.fallback.pending_reconcile(), 0);
+
+    s.breaker
+        .observe_identity(PrimaryIdentity::new("run-2", None));
+    for _ in 0..3 {
+        s.fallback.reconcile().await.unwrap();
+    }
+    assert_eq!(
+        s.fallback.pending_reconcile(),
+        0,
+        "the key the primary holds under this process's lease stays pending"
+    );
+    s.fallback
+        .complete(&lease, Some("done".into()), DAY)
+        .await
+        .unwrap();
+    for _ in 0..3 {
+        s.fallback.reconcile().await.unwrap();
+    }
+    assert_eq!(s.fallback.pending_reconcile(), 0, "the completion replays");
+    s.clock.advance(LEASE + Duration::from_secs(1));
+    assert_eq!(
+        s.primary.inner.claim("k", &fp("a"), LEASE).await.unwrap(),
+        Claim::Completed(Some("done".into())),
+        "another replica must see the completion"
+    );
+}

@@ -25,6 +25,12 @@
 //! (Under a test clock override every claim writes `exp` from the
 //! override's time, and keys get a margin.)
 //!
+//! A claim whose answer never came (the server hung or died, the caller
+//! gave up at its deadline) may still run on the server, holding the key
+//! under a token no caller has: the store keeps such tokens, and when a
+//! later claim of the key answers in progress it releases them (owner
+//! checked) and claims once more.
+//!
 //! ```no_run
 //! # #[allow(dead_code)]
 //! # async fn demo(client: reliability_redis::RedisClient) -> reliability_core::Result<()> {
@@ -57,6 +63,7 @@ use reliability_core::{
 use crate::client::RedisClient;
 use crate::error::{unexpected, BACKEND};
 use crate::script::{evalsha, int, push_now, LUA_NOW};
+use crate::unanswered::Unanswered;
 
 /// Physical TTL added to keys when a test clock override is set: real time
 /// and the override diverge, and a key must never vanish before the
@@ -191,6 +198,8 @@ pub struct RedisIdempotencyStore {
     scripts: Scripts,
     max_result_bytes: usize,
     clock_override: Option<SharedClock>,
+    /// Claims sent whose answer never came (see [`Unanswered`]).
+    unanswered: Unanswered,
 }
 
 impl fmt::Debug for RedisIdempotencyStore {
@@ -244,6 +253,7 @@ impl RedisIdempotencyStoreBuilder {
             scripts,
             max_result_bytes: self.max_result_bytes,
             clock_override,
+            unanswered: Unanswered::default(),
         }
     }
 }
@@ -299,6 +309,83 @@ impl RedisIdempotencyStore {
         }
     }
 
+    /// One claim script run. A claim sent without an answer coming back
+    /// is remembered (see [`Unanswered`]).
+    async fn claim_once(
+        &self,
+        key: &str,
+        redis_key: &str,
+        fingerprint: &Fingerprint,
+        lease: Duration,
+    ) -> Result<Claim> {
+        self.check_eviction().await?;
+        let token = LeaseToken::generate();
+        let lease_us = positive_us(lease);
+        let mut cmd = evalsha(&self.scripts.claim, 1, 6);
+        cmd.arg(redis_key)
+            .arg(fingerprint.as_bytes())
+            .arg(token.to_string())
+            .arg(lease_us.div_ceil(1000) + self.margin_ms());
+        if let Some(clock) = &self.clock_override {
+            cmd.arg(clock.now().as_micros()).arg(lease_us);
+        }
+        let sent = self.unanswered.sent(key, token, lease);
+        let reply = self
+            .client
+            .eval(&self.scripts.claim, &cmd, redis_key)
+            .await?;
+        sent.answered();
+        let items = match &reply {
+            Value::Int(CODE_ACQUIRED) => return Ok(Claim::Acquired(Lease::new(key, token))),
+            Value::Array(items) => items.as_slice(),
+            _ => return Err(unexpected(redis_key, reply)),
+        };
+        match items.first().and_then(int) {
+            Some(CODE_IN_PROGRESS) => {
+                let left = items.get(1).and_then(int).unwrap_or(0);
+                Ok(Claim::InProgress {
+                    retry_after: Duration::from_micros(u64::try_from(left).unwrap_or(0)),
+                })
+            }
+            Some(CODE_COMPLETED) => match (items.get(1).and_then(int), items.get(2)) {
+                (Some(1), Some(Value::BulkString(b))) => {
+                    Ok(Claim::Completed(Some(Bytes::from(b.clone()))))
+                }
+                (Some(1), Some(Value::SimpleString(s))) => {
+                    Ok(Claim::Completed(Some(Bytes::from(s.clone()))))
+                }
+                (Some(1), Some(Value::Okay)) => {
+                    Ok(Claim::Completed(Some(Bytes::from_static(b"OK"))))
+                }
+                (Some(0), _) => Ok(Claim::Completed(None)),
+                _ => Err(unexpected(redis_key, reply)),
+            },
+            Some(CODE_MISMATCH) => Ok(Claim::Mismatch),
+            Some(CODE_WRONG_TYPE) => Err(wrong_type(redis_key)),
+            _ => Err(unexpected(redis_key, reply)),
+        }
+    }
+
+    /// Releases the holds of `key`'s unanswered claims (see
+    /// [`Unanswered`]); `true` if one held it. A release that gets no
+    /// answer either is kept for the next time.
+    async fn release_unanswered(&self, key: &str, redis_key: &str) -> bool {
+        let mut released = false;
+        for (token, until) in self.unanswered.take(key) {
+            let mut cmd = self.call(&self.scripts.release, redis_key, 1);
+            cmd.arg(token.to_string());
+            match self
+                .client
+                .eval(&self.scripts.release, &cmd, redis_key)
+                .await
+            {
+                Ok(reply) => released |= int(&reply) == Some(1),
+                Err(_) => self.unanswered.remember(key, (token, until)),
+            }
+        }
+        released
+    }
+
     /// Runs an owner-checked script: `Ok` if the lease held the key.
     /// `extra` appends the arguments after the token.
     async fn owned(
@@ -343,51 +430,13 @@ impl IdempotencyStore for RedisIdempotencyStore {
     async fn claim(&self, key: &str, fingerprint: &Fingerprint, lease: Duration) -> Result<Claim> {
         let redis_key = self.key(key)?;
         check_lease_duration("lease", lease)?;
-        self.check_eviction().await?;
-        let token = LeaseToken::generate();
-        let lease_us = positive_us(lease);
-        let mut cmd = evalsha(&self.scripts.claim, 1, 6);
-        cmd.arg(&redis_key)
-            .arg(fingerprint.as_bytes())
-            .arg(token.to_string())
-            .arg(lease_us.div_ceil(1000) + self.margin_ms());
-        if let Some(clock) = &self.clock_override {
-            cmd.arg(clock.now().as_micros()).arg(lease_us);
+        let claim = self.claim_once(key, &redis_key, fingerprint, lease).await?;
+        if matches!(claim, Claim::InProgress { .. })
+            && self.release_unanswered(key, &redis_key).await
+        {
+            return self.claim_once(key, &redis_key, fingerprint, lease).await;
         }
-        let reply = self
-            .client
-            .eval(&self.scripts.claim, &cmd, &redis_key)
-            .await?;
-        let keys = [redis_key];
-        let items = match &reply {
-            Value::Int(CODE_ACQUIRED) => return Ok(Claim::Acquired(Lease::new(key, token))),
-            Value::Array(items) => items.as_slice(),
-            _ => return Err(unexpected(&keys[0], reply)),
-        };
-        match items.first().and_then(int) {
-            Some(CODE_IN_PROGRESS) => {
-                let left = items.get(1).and_then(int).unwrap_or(0);
-                Ok(Claim::InProgress {
-                    retry_after: Duration::from_micros(u64::try_from(left).unwrap_or(0)),
-                })
-            }
-            Some(CODE_COMPLETED) => match (items.get(1).and_then(int), items.get(2)) {
-                (Some(1), Some(Value::BulkString(b))) => {
-                    Ok(Claim::Completed(Some(Bytes::from(b.clone()))))
-                }
-                (Some(1), Some(Value::SimpleString(s))) => {
-                    Ok(Claim::Completed(Some(Bytes::from(s.clone()))))
-                }
-                (Some(1), Some(Value::Okay)) => {
-                    Ok(Claim::Completed(Some(Bytes::from_static(b"OK"))))
-                }
-                (Some(0), _) => Ok(Claim::Completed(None)),
-                _ => Err(unexpected(&keys[0], reply)),
-            },
-            Some(CODE_MISMATCH) => Ok(Claim::Mismatch),
-            Some(CODE_WRONG_TYPE) => Err(wrong_type(&keys[0])),
-            _ => Err(unexpected(&keys[0], reply)),
-        }
+        Ok(claim)
     }
 
     async fn complete(

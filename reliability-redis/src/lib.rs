@@ -27,6 +27,7 @@ mod probe;
 pub mod rate_limit;
 mod script;
 mod spool;
+mod unanswered;
 
 #[cfg(feature = "test-harness")]
 pub mod harness;

@@ -462,6 +462,15 @@ impl<P: IdempotencyStore, S: IdempotencyStore> Fallback<P, S> {
                 Err(e) => return Err(e),
             }
         }
+        // A pending entry replayed before a data loss: the primary may
+        // still hold it under that replay's lease (it kept its data).
+        if let (EntryState::Pending, Some(lease)) = (&entry.state, &entry.primary) {
+            match self.primary.extend(lease, ttl).await {
+                Ok(()) => return Ok(Replayed::Held(Some(lease.clone()))),
+                Err(Error::LeaseLost { .. }) => {}
+                Err(e) => return Err(e),
+            }
+        }
         match self.primary.claim(key, &entry.fingerprint, ttl).await? {
             Claim::Acquired(lease) => match &entry.state {
                 EntryState::Completed(result) => {
