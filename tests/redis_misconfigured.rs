@@ -132,9 +132,11 @@ async fn an_accepted_evicting_policy_is_used_and_shown() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_acl_refusal_is_an_alert_not_an_outage() {
-    // A user the server knows, refused the commands the probe sends.
+    // A user the server knows, refused the commands the probe sends (PING,
+    // ROLE, and INFO for the server's identity).
     let server = RedisServer::start_with(
-        ServerOptions::new().config_line("user limited on >limited-pw ~* &* +@all -ping -role"),
+        ServerOptions::new()
+            .config_line("user limited on >limited-pw ~* &* +@all -ping -role -info"),
     );
     let (_r, alert) = started_as(&server, Some("limited"), "limited-pw").await;
     assert!(
