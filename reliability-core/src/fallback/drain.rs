@@ -123,6 +123,9 @@ pub(super) struct DrainState {
     /// Rank of the durability the secondary last reported.
     local: AtomicU8,
     weak_until: Mutex<Option<Timestamp>>,
+    /// One drain at a time: a second caller waits for the pass under way,
+    /// so its report never misses the records that pass holds leased.
+    draining: tokio::sync::Mutex<()>,
 }
 
 impl Default for DrainState {
@@ -131,6 +134,7 @@ impl Default for DrainState {
             deferred: Mutex::default(),
             local: AtomicU8::new(UNKNOWN),
             weak_until: Mutex::default(),
+            draining: tokio::sync::Mutex::new(()),
         }
     }
 }
@@ -177,12 +181,14 @@ impl<P: Spool, S: Spool> Fallback<P, S> {
 
     /// Moves the secondary's due records to the primary (see the module
     /// docs of `fallback/drain.rs`), until the secondary has none due or
-    /// the primary fails.
+    /// the primary fails. One drain runs at a time: a call made while
+    /// another runs waits for it, then drains what is left.
     ///
     /// # Errors
     /// Caller errors of the primary (e.g. [`Error::Full`]); the records stay
     /// on the secondary.
     pub async fn drain(&self) -> Result<DrainReport> {
+        let _pass = self.drain_state.draining.lock().await;
         let mut report = DrainReport::default();
         self.ack_synced().await?;
         let now = self.breaker.clock().now();
