@@ -13,11 +13,13 @@ use reliability::config::{
     DiskConfig, IdempotencyBackend, RateLimiterBackend, ReliabilityConfig, Secret, SpoolBackend,
 };
 use reliability::redis::harness::{RedisServer, ServerOptions};
-use reliability::status::{BreakerState, HealthStatus, Overall};
+use reliability::status::{BreakerState, Overall};
 use reliability::{
     Claim, Fingerprint, IdempotencyStore, NewRecord, Quota, RateLimiterExt, RecordId, Reliability,
 };
-use tokio::sync::watch;
+
+mod common;
+use common::wait_status;
 
 const PASSWORD: &str = "s3cr3t-facade-pass";
 
@@ -49,19 +51,6 @@ fn config(server: &RedisServer, dir: &std::path::Path) -> ReliabilityConfig {
         r.pool_timeout = Duration::from_millis(200);
     }
     cfg
-}
-
-async fn wait_status(
-    rx: &mut watch::Receiver<HealthStatus>,
-    within: Duration,
-    what: &str,
-    f: impl FnMut(&HealthStatus) -> bool,
-) -> HealthStatus {
-    tokio::time::timeout(within, rx.wait_for(f))
-        .await
-        .unwrap_or_else(|_| panic!("status not {what} within {within:?}"))
-        .expect("status hub alive")
-        .clone()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

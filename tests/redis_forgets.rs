@@ -10,9 +10,11 @@ use std::time::Duration;
 use bytes::Bytes;
 use reliability::config::{ReliabilityConfig, SpoolBackend};
 use reliability::redis::harness::RedisServer;
-use reliability::status::{HealthStatus, Overall};
+use reliability::status::Overall;
 use reliability::{Claim, Fingerprint, IdempotencyStore, Reliability};
-use tokio::sync::watch;
+
+mod common;
+use common::wait_status;
 
 const KEYS: usize = 200;
 const RETENTION: Duration = Duration::from_secs(3_600);
@@ -28,19 +30,6 @@ fn config(server: &RedisServer, namespace: &str) -> ReliabilityConfig {
         r.pool_timeout = Duration::from_millis(200);
     }
     cfg
-}
-
-async fn wait_status(
-    rx: &mut watch::Receiver<HealthStatus>,
-    within: Duration,
-    what: &str,
-    f: impl FnMut(&HealthStatus) -> bool,
-) -> HealthStatus {
-    tokio::time::timeout(within, rx.wait_for(f))
-        .await
-        .unwrap_or_else(|_| panic!("status not {what} within {within:?}"))
-        .expect("status hub alive")
-        .clone()
 }
 
 fn fp(key: &str) -> Fingerprint {
